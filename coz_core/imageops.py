@@ -1,0 +1,187 @@
+"""Image tensors: layout conversion, PIL-exact resampling, loading and saving.
+
+Inside coz_core images are float32 [B, C, H, W] in 0..1. ComfyUI's IMAGE is [B, H, W, C]; the
+two conversions below are the only place that layout changes.
+
+The resampler reproduces Pillow's ``Image.resize`` (its coefficient maths in
+``libImaging/Resample.c``) on float data: the CoZ reference resizes with PIL's Lanczos and
+bicubic (Keys a = -0.5, antialiased when shrinking), which torch's interpolate does not match.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")
+
+
+def to_bchw(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE [B, H, W, C] -> [B, C, H, W]."""
+    if image.ndim == 3:
+        image = image.unsqueeze(0)
+    if image.ndim != 4:
+        raise ValueError(f"expected an image tensor [B, H, W, C], got shape {tuple(image.shape)}")
+    return image.permute(0, 3, 1, 2).contiguous()
+
+
+def to_bhwc(image: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> ComfyUI IMAGE [B, H, W, C]."""
+    return image.permute(0, 2, 3, 1).contiguous()
+
+
+def ensure_rgb(image: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] with C in 1..4 -> [B, 3, H, W]: grey is repeated, alpha is dropped."""
+    channels = image.shape[1]
+    if channels == 3:
+        return image
+    if channels == 1:
+        return image.expand(-1, 3, -1, -1).contiguous()
+    if channels == 2:  # grey + alpha
+        return image[:, :1].expand(-1, 3, -1, -1).contiguous()
+    if channels == 4:
+        return image[:, :3].contiguous()
+    raise ValueError(f"expected 1 to 4 image channels, got {channels}")
+
+
+# --- Pillow's filters (libImaging/Resample.c) ------------------------------------------------
+
+def _bilinear(x: float) -> float:
+    x = abs(x)
+    return 1.0 - x if x < 1.0 else 0.0
+
+
+def _bicubic(x: float, a: float = -0.5) -> float:
+    x = abs(x)
+    if x < 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    if x < 2.0:
+        return (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return 0.0
+
+
+def _sinc(x: float) -> float:
+    if x == 0.0:
+        return 1.0
+    x *= math.pi
+    return math.sin(x) / x
+
+
+def _lanczos(x: float) -> float:
+    return _sinc(x) * _sinc(x / 3.0) if -3.0 <= x < 3.0 else 0.0
+
+
+_KERNELS = {"bilinear": (_bilinear, 1.0), "bicubic": (_bicubic, 2.0), "lanczos": (_lanczos, 3.0)}
+
+
+@lru_cache(maxsize=256)
+def _weights(in_size: int, out_size: int, filter: str, in0: float, in1: float) -> torch.Tensor:
+    """Dense [out_size, in_size] resampling matrix, Pillow's precompute_coeffs in float64."""
+    scale = (in1 - in0) / out_size
+    matrix = np.zeros((out_size, in_size), dtype=np.float64)
+    if filter == "nearest":  # Pillow's affine nearest: floor((x + 0.5) * scale + in0)
+        idx = np.floor((np.arange(out_size) + 0.5) * scale + in0).astype(np.int64)
+        matrix[np.arange(out_size), np.clip(idx, 0, in_size - 1)] = 1.0
+        return torch.from_numpy(matrix)
+    kernel, support = _KERNELS[filter]
+    filterscale = max(scale, 1.0)
+    support *= filterscale
+    inv = 1.0 / filterscale
+    for xx in range(out_size):
+        center = in0 + (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), in_size)
+        w = np.array([kernel((x - center + 0.5) * inv) for x in range(xmin, xmax)])
+        total = w.sum()
+        matrix[xx, xmin:xmax] = w / total if total != 0.0 else w
+    return torch.from_numpy(matrix)
+
+
+def resize(
+    image: torch.Tensor,
+    size: tuple[int, int],
+    filter: str = "bicubic",
+    box: tuple[float, float, float, float] | None = None,
+) -> torch.Tensor:
+    """Resize [..., H, W] to ``size`` = (height, width) exactly as Pillow would on float data.
+
+    ``box`` = (left, top, right, bottom) in input pixels selects a (sub-pixel) source region,
+    as Pillow's ``resize(box=...)`` does. No clamping: callers clamp when they need 0..1.
+    """
+    if filter not in FILTERS:
+        raise ValueError(f"unknown filter {filter!r}; choose one of {FILTERS}")
+    out_h, out_w = int(size[0]), int(size[1])
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"output size must be positive, got {size}")
+    in_h, in_w = image.shape[-2], image.shape[-1]
+    left, top, right, bottom = box if box is not None else (0.0, 0.0, float(in_w), float(in_h))
+    if (out_h, out_w) == (in_h, in_w) and (left, top, right, bottom) == (0, 0, in_w, in_h):
+        return image.clone()
+    work = image if image.dtype in (torch.float32, torch.float64) else image.float()
+    wy = _weights(in_h, out_h, filter, float(top), float(bottom)).to(work.device, work.dtype)
+    wx = _weights(in_w, out_w, filter, float(left), float(right)).to(work.device, work.dtype)
+    out = torch.matmul(torch.matmul(wy, work), wx.T)
+    return out.to(image.dtype) if out.dtype != image.dtype else out
+
+
+# --- files -----------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """Read an image file as float32 [1, 3, H, W] in 0..1.
+
+    Grey is expanded to RGB, alpha is dropped (composited on nothing: the colour channels are
+    kept as stored), 16-bit and float images keep their precision.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            array = _pil_to_array(img)
+    except UnidentifiedImageError as exc:
+        raise ValueError(f"{path} is not an image Pillow can read ({exc})") from exc
+    except OSError as exc:
+        raise ValueError(f"{path} could not be decoded: {exc}") from exc
+    tensor = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+    return ensure_rgb(tensor)
+
+
+def _pil_to_array(img) -> np.ndarray:
+    """A Pillow image as float32 [H, W, C] in 0..1, keeping 16-bit and float precision."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return (np.asarray(img, dtype=np.uint16).astype(np.float32) / 65535.0)[..., None]
+    if mode == "I":  # 32-bit int, what Pillow often gives for 16-bit PNGs
+        array = np.asarray(img, dtype=np.int64).astype(np.float32)
+        peak = 65535.0 if array.max(initial=0) > 255 else 255.0
+        return np.clip(array / peak, 0.0, 1.0)[..., None]
+    if mode == "F":
+        return np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)[..., None]
+    if mode not in ("L", "LA", "RGB", "RGBA"):
+        img = img.convert("RGBA" if "A" in mode or "transparency" in img.info else "RGB")
+    array = np.asarray(img, dtype=np.uint8).astype(np.float32) / 255.0
+    return array[..., None] if array.ndim == 2 else array
+
+
+def save_image(image: torch.Tensor, path: str | Path) -> Path:
+    """Write one [3, H, W] or [1, 3, H, W] float 0..1 image as 8-bit (PNG unless the suffix says)."""
+    from PIL import Image
+
+    if image.ndim == 4:
+        if image.shape[0] != 1:
+            raise ValueError("save_image writes one image; index the batch first")
+        image = image[0]
+    array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array.astype(np.uint8)).save(path)
+    return path

@@ -1,0 +1,1 @@
+"""Prompt sources behind the PromptSource protocol (see base.py)."""

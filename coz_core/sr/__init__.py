@@ -1,0 +1,1 @@
+"""SR backbones behind the SRBackbone protocol (see base.py)."""
