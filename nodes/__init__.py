@@ -1,3 +1,13 @@
-"""ComfyUI nodes: thin wrappers over coz_core. Each family module exports NODE_CLASS_MAPPINGS."""
+"""ComfyUI nodes of the Chain-of-Zoom pack: thin wrappers over coz_core, one module per family.
+
+Only nodes/host.py touches ComfyUI; everything here also imports and runs without it.
+"""
+from . import chain, host, loop, steps
+
+host.register_folders()
+
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+for _family in (steps, loop, chain):
+    NODE_CLASS_MAPPINGS.update(_family.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_family.NODE_DISPLAY_NAME_MAPPINGS)

@@ -1,0 +1,70 @@
+"""Zoom Chain: the whole Chain-of-Zoom in one node (coz_core.zoom.run_chain)."""
+from __future__ import annotations
+
+import torch
+
+from ..coz_core.color import COLOR_METHODS
+from ..coz_core.prompt.base import FixedPrompts
+from ..coz_core.zoom import MODES, ChainConfig, run_chain
+from . import host
+from .common import CATEGORY, SR_MODEL, VLM, image_in, image_out, join_prompts, zoom_inputs
+
+
+class ZoomChain:
+    DESCRIPTION = ("The whole Chain-of-Zoom in one node: zooms into the image step by step, each step "
+                   "super-resolved by the SR model with a prompt from the VLM. 4 steps of 4x make 256x.")
+    CATEGORY = CATEGORY
+    FUNCTION = "zoom"
+    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING")
+    RETURN_NAMES = ("image", "scales", "prompts")
+    OUTPUT_TOOLTIPS = (
+        "The last scale: the most magnified image.",
+        "Every scale, scale 0 first (steps + 1 images per input image).",
+        "The prompt of every step, one line each (one per batch element).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": ("IMAGE", {"tooltip": "The picture to zoom into (every image of the batch is zoomed)."}),
+                "mode": (list(MODES), {"default": "recursive_multiscale", "tooltip":
+                                       "recursive_multiscale: CoZ (the VLM sees both scales); recursive: "
+                                       "prompts from the zoom alone; onestep: one SR pass from scale 0 "
+                                       "(direct SR); bicubic / nearest: no model, for comparison."}),
+                **zoom_inputs(),
+                "color": (list(COLOR_METHODS), {"default": "wavelet", "tooltip":
+                                                "Colour alignment after every SR step (against colour drift)."}),
+                "user_prompt": ("STRING", {"default": "", "multiline": True, "tooltip":
+                                           "Your own words, appended to every step's prompt."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip":
+                                 "Noise seed for models that sample; step k uses seed + k."}),
+            },
+            "optional": {
+                "sr_model": (SR_MODEL, {"tooltip": "From a CoZ loader; needed by every mode but bicubic/nearest."}),
+                "vlm": (VLM, {"tooltip": "From CoZ Load VLM; without it the prompt is your text alone."}),
+            },
+        }
+
+    def zoom(self, image, mode, steps, zoom, width, height, center_x, center_y, color, user_prompt, seed,
+             sr_model=None, vlm=None):
+        config = ChainConfig(mode=mode, steps=int(steps), zoom=float(zoom), size=(int(width), int(height)),
+                             center=(center_x, center_y), color=color, user_prompt=user_prompt, seed=int(seed))
+        progress = host.Progress(config.steps)
+
+        def on_step(step):
+            if step.index:
+                progress.update(step.index, preview=image_out(step.image[:1]))
+
+        def should_stop() -> bool:
+            host.throw_if_cancelled()
+            return False
+
+        result = run_chain(image_in(image), sr_model, config, vlm or FixedPrompts(""), on_step, should_stop)
+        scales = torch.cat([image_out(s) for s in result.images])
+        prompts = "\n".join(join_prompts(p) for p in result.prompts)
+        return image_out(result.final), scales, prompts
+
+
+NODE_CLASS_MAPPINGS = {"CoZZoomChain": ZoomChain}
+NODE_DISPLAY_NAME_MAPPINGS = {"CoZZoomChain": "CoZ Zoom Chain (all-in-one)"}

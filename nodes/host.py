@@ -1,0 +1,232 @@
+"""The host adapter: the ONLY module of the pack that imports ComfyUI (comfy, folder_paths).
+
+Inside ComfyUI it uses the host's device and dtype choices, model management (models wrapped in
+ModelPatcher and loaded with ``load_models_gpu``, so CoZ models take turns on the GPU with
+everything else), progress bar with previews, user cancellation and model folders. Without
+ComfyUI (tests, scripts) it falls back to plain torch: the first CUDA device or the CPU, a
+cancellation flag, and model folders under ``$COZ_MODELS_DIR`` (default ``./models``).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+try:  # ComfyUI puts these on the import path; nothing else of the pack imports them
+    import comfy.model_management as _mm
+    import comfy.model_patcher as _patcher
+    import comfy.utils as _cutils
+    import folder_paths as _folders
+except ImportError:
+    _mm = _patcher = _cutils = _folders = None
+
+IN_COMFY = _folders is not None
+
+# (folder name, extensions, default sub-folder of the models directory)
+WEIGHT_EXTENSIONS = (".safetensors", ".pt", ".pth", ".pkl", ".bin", ".ckpt")
+FOLDERS = {
+    "coz": "coz",  # CoZ LoRA + VAE-encoder files, converted Real-ESRGAN weights
+    "LLM": "LLM",  # VLM folders (Qwen2.5-VL) and their PEFT adapters
+    "diffusers": "diffusers",  # SD3 diffusers folders
+    "checkpoints": "checkpoints",  # SD3 single-file checkpoints
+    "text_encoders": "text_encoders",  # CLIP-L, CLIP-G, T5-XXL single files
+    "vae": "vae",
+    "upscale_models": "upscale_models",
+}
+
+
+# --- cancellation --------------------------------------------------------------------------
+
+class Cancelled(Exception):
+    """Raised without ComfyUI when :func:`request_cancel` was called (ComfyUI raises its own)."""
+
+
+_cancel = threading.Event()
+
+
+def request_cancel() -> None:
+    """Ask the running chain to stop at the next step (the fallback for ComfyUI's Cancel)."""
+    _cancel.set()
+
+
+def throw_if_cancelled() -> None:
+    """Raise if the user cancelled: ComfyUI's InterruptProcessingException, else :class:`Cancelled`."""
+    if IN_COMFY:
+        _mm.throw_exception_if_processing_interrupted()
+    elif _cancel.is_set():
+        _cancel.clear()
+        raise Cancelled("cancelled by request")
+
+
+# --- progress ------------------------------------------------------------------------------
+
+PREVIEW_SIZE = 512
+
+
+def preview_image(image: torch.Tensor):
+    """A ComfyUI progress preview ("JPEG", PIL image, max size) of the first image of a
+    [B, H, W, C] batch."""
+    from PIL import Image
+
+    array = (image[0, ..., :3].detach().float().clamp(0, 1) * 255).round().byte().cpu().numpy()
+    return ("JPEG", Image.fromarray(array), PREVIEW_SIZE)
+
+
+class Progress:
+    """One progress bar; ``update`` also stops the work when the user cancelled."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.value = 0
+        self.previews = 0  # how many preview images were produced (visible to tests)
+        self._bar = _cutils.ProgressBar(total) if IN_COMFY else None
+
+    def update(self, value: int, preview: torch.Tensor | None = None) -> None:
+        """Set the bar to ``value``; ``preview`` is an IMAGE [B, H, W, C] shown on the node."""
+        self.value = value
+        shown = None
+        if preview is not None:
+            shown = preview_image(preview)
+            self.previews += 1
+        if self._bar is not None:
+            self._bar.update_absolute(value, self.total, shown)  # raises on interrupt in a server
+        throw_if_cancelled()
+
+
+# --- devices and dtypes --------------------------------------------------------------------
+
+def torch_device() -> torch.device:
+    """Where models run: ComfyUI's choice, else the first CUDA device, else the CPU."""
+    if IN_COMFY:
+        return _mm.get_torch_device()
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def offload_device() -> torch.device:
+    """Where idle models wait (the CPU unless ComfyUI keeps everything on the GPU)."""
+    return _mm.unet_offload_device() if IN_COMFY else torch.device("cpu")
+
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def pick_dtype(precision: str = "auto", device: torch.device | None = None) -> torch.dtype:
+    """The weight dtype for ``precision``; "auto" asks the host what the device handles well."""
+    explicit = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision in explicit:
+        return explicit[precision]
+    if precision != "auto":
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    device = device or torch_device()
+    if IN_COMFY:
+        if _mm.should_use_bf16(device):
+            return torch.bfloat16
+        return torch.float16 if _mm.should_use_fp16(device) else torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def free_memory() -> None:
+    """Return cached accelerator memory (between big steps)."""
+    if IN_COMFY:
+        _mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- model management ----------------------------------------------------------------------
+
+class ManagedModule:
+    """A torch module the host loads onto the compute device on demand and offloads when another
+    model needs the memory (ComfyUI: a ModelPatcher loaded with ``load_models_gpu``)."""
+
+    def __init__(self, module: torch.nn.Module, name: str = "") -> None:
+        self.module = module
+        self.name = name or type(module).__name__
+        self.patcher = None
+        if IN_COMFY:
+            self.patcher = _patcher.ModelPatcher(module, load_device=torch_device(),
+                                                 offload_device=offload_device())
+
+    def load(self) -> torch.device:
+        """Put the module on the compute device (offloading others if needed); returns it."""
+        load_all([self])
+        return torch_device()
+
+    def __repr__(self) -> str:
+        return f"ManagedModule({self.name})"
+
+
+def load_all(models: Iterable[ManagedModule]) -> None:
+    """Load several modules at once so the host fits them together (e.g. VAE + transformer)."""
+    models = list(models)
+    if IN_COMFY:
+        # full loads: the pack's modules are plain torch layers, not ComfyUI's casting ops
+        _mm.load_models_gpu([m.patcher for m in models], force_full_load=True)
+        return
+    device = torch_device()
+    for m in models:
+        m.module.to(device)
+
+
+# --- model folders -------------------------------------------------------------------------
+
+def models_root() -> Path:
+    """The models directory: ComfyUI's, else ``$COZ_MODELS_DIR`` (default ``./models``)."""
+    if IN_COMFY:
+        return Path(_folders.models_dir)
+    return Path(os.environ.get("COZ_MODELS_DIR", "models"))
+
+
+def register_folders() -> None:
+    """Make ComfyUI list the pack's model folders (models/coz, models/LLM); idempotent."""
+    if not IN_COMFY:
+        return
+    for name, sub in FOLDERS.items():
+        if name not in _folders.folder_names_and_paths:
+            _folders.add_model_folder_path(name, str(Path(_folders.models_dir) / sub), is_default=True)
+
+
+def folder_paths(name: str) -> list[Path]:
+    """Every directory of the model folder ``name`` (a key of :data:`FOLDERS`)."""
+    if IN_COMFY:
+        return [Path(p) for p in _folders.get_folder_paths(name)]
+    return [models_root() / FOLDERS.get(name, name)]
+
+
+def list_files(name: str, extensions: Iterable[str] = WEIGHT_EXTENSIONS) -> list[str]:
+    """Weight files of the model folder ``name``, relative to it (sub-folders included)."""
+    extensions = tuple(e.lower() for e in extensions)
+    found: set[str] = set()
+    for root in folder_paths(name):
+        if root.is_dir():
+            for p in root.rglob("*"):
+                if p.is_file() and p.name.lower().endswith(extensions):
+                    found.add(p.relative_to(root).as_posix())
+    return sorted(found)
+
+
+def list_model_dirs(name: str, marker: str = "config.json") -> list[str]:
+    """Model folders (holding ``marker``) inside the model folder ``name``, relative to it."""
+    found: set[str] = set()
+    for root in folder_paths(name):
+        if root.is_dir():
+            for p in root.rglob(marker):
+                if p.parent != root:
+                    found.add(p.parent.relative_to(root).as_posix())
+    return sorted(found)
+
+
+def resolve(name: str, relative: str) -> Path:
+    """The full path of ``relative`` (a file or folder listed by this module) in folder ``name``."""
+    for root in folder_paths(name):
+        path = root / relative
+        if path.exists():
+            return path
+    places = ", ".join(str(p) for p in folder_paths(name))
+    raise FileNotFoundError(f"{relative!r} was not found in the {name!r} model folder ({places}); "
+                            f"put it there and refresh the node list")

@@ -1,0 +1,172 @@
+"""Zoom Loop Start / Zoom Loop End: the chain as a loop whose body is any nodes.
+
+Built on ComfyUI's node expansion. Start makes scale 0 (first pass) and the zoomed input of
+step k; the body turns it into scale k; End collects it and, until the last step, returns a copy
+of the body (every node downstream of Start and upstream of End, with Start and End) as an
+expanded graph whose new Start gets the loop state through a hidden input. The state keeps only
+what the outputs need (one tensor per scale, shared, plus the prompts); nothing is copied per
+iteration. Names and the socket type carry the "CoZ" prefix, so ComfyUI's own loop nodes
+(newer releases) and other packs' loops live beside these.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..coz_core.zoom import center_in_crop, initial_plan, prepare_input, scale_zero, zoom_box, zoom_in
+from . import host
+from .common import CATEGORY, ZOOM_LOOP, image_in, image_out, match_size, zoom_inputs
+
+
+class ZoomLoopState:
+    """What one iteration hands to the next (a plain object: ComfyUI never hashes or copies it)."""
+
+    def __init__(self, start_id: str, steps: int, size: tuple[int, int], step: int,
+                 target: tuple[float, float], scales: tuple[torch.Tensor, ...], prompts: tuple[str, ...]):
+        self.start_id = start_id  # the Start node of the running iteration
+        self.steps = steps
+        self.size = size  # (width, height)
+        self.step = step  # k: the step the body is computing now
+        self.target = target  # zoom target in scale k-1, 0..1
+        self.scales = scales  # IMAGE [B, H, W, C] of scales 0..k-1
+        self.prompts = prompts  # prompt STRING of steps 1..k-1
+
+    def __repr__(self) -> str:
+        return f"ZoomLoopState(step {self.step}/{self.steps}, {len(self.scales)} scales)"
+
+
+class ZoomLoopStart:
+    DESCRIPTION = ("Start of a Chain-of-Zoom loop. Wire its outputs into the nodes of one zoom step "
+                   "(e.g. CoZ VLM Prompt -> CoZ SR Step -> CoZ Color Fix, or ComfyUI's Upscale Image "
+                   "(using Model) on 'region') and the step's result into CoZ Zoom Loop End: "
+                   "the nodes in between run once per step.")
+    CATEGORY = CATEGORY
+    FUNCTION = "start"
+    RETURN_TYPES = (ZOOM_LOOP, "IMAGE", "IMAGE", "IMAGE", "INT")
+    RETURN_NAMES = ("loop", "previous", "zoomed", "region", "step")
+    OUTPUT_TOOLTIPS = (
+        "Connect to CoZ Zoom Loop End.",
+        "The previous scale (scale 0 on the first step): the VLM's first image.",
+        "The zoomed input of this step: the crop of the previous scale resized to the process size "
+        "(the input of CoZ SR Step).",
+        "The same crop at its native resolution (for upscale models that magnify by their own factor).",
+        "The step being computed, 1..steps.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": ("IMAGE", {"tooltip": "The picture to zoom into (every image of the batch is zoomed)."}),
+                **zoom_inputs(),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID", "state": (ZOOM_LOOP,)},
+        }
+
+    def start(self, image, steps, zoom, width, height, center_x, center_y, unique_id=None, state=None):
+        size = (int(width), int(height))
+        if state is None:  # the first iteration: scale 0
+            picture = prepare_input(image_in(image))
+            first, _, box0 = scale_zero(picture, size, (center_x, center_y))
+            resized, _ = initial_plan((picture.shape[-1], picture.shape[-2]), size, (center_x, center_y))
+            target = center_in_crop((center_x, center_y), box0, resized)
+            state = ZoomLoopState(unique_id, int(steps), size, 1, target, (image_out(first),), ())
+        previous = state.scales[-1]
+        box = zoom_box(size, zoom, state.target)
+        region, zoomed = zoom_in(image_in(previous), box)
+        handed = ZoomLoopState(unique_id, state.steps, size, state.step,
+                               center_in_crop(state.target, box, size), state.scales, state.prompts)
+        return handed, previous, image_out(zoomed), image_out(region), state.step
+
+
+class ZoomLoopEnd:
+    DESCRIPTION = ("End of a Chain-of-Zoom loop: takes the step's result (the new scale) and runs the "
+                   "loop body again until every step is done. Outputs the last scale, all scales as "
+                   "one batch (scale 0 first) and the prompts of the steps.")
+    CATEGORY = CATEGORY
+    FUNCTION = "end"
+    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING")
+    RETURN_NAMES = ("image", "scales", "prompts")
+    OUTPUT_TOOLTIPS = (
+        "The last scale: the most magnified image.",
+        "Every scale, scale 0 first (steps + 1 images per input image).",
+        "The prompt of every step, one line each.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "loop": (ZOOM_LOOP, {"tooltip": "From CoZ Zoom Loop Start."}),
+                "image": ("IMAGE", {"tooltip": "The step's result: the new scale. Resized to the process "
+                                               "size if the body made another size."}),
+            },
+            "optional": {
+                "prompt": ("STRING", {"forceInput": True, "tooltip":
+                                      "The step's prompt (from CoZ VLM Prompt), collected for the prompts output."}),
+            },
+            "hidden": {"dynprompt": "DYNPROMPT", "unique_id": "UNIQUE_ID"},
+        }
+
+    def end(self, loop: ZoomLoopState, image, prompt=None, dynprompt=None, unique_id=None):
+        width, height = loop.size
+        batch = loop.scales[0].shape[0]
+        if image.shape[0] != batch:
+            raise ValueError(f"the loop body returned {image.shape[0]} images for a batch of {batch}")
+        if tuple(image.shape[1:3]) != (height, width):
+            image = image_out(match_size(image_in(image), (height, width)))
+        scales = loop.scales + (image,)
+        prompts = loop.prompts + ((prompt or "").strip(),)
+        host.Progress(loop.steps).update(loop.step, preview=image)
+        if loop.step >= loop.steps:
+            return image, torch.cat(scales), "\n".join(prompts)
+        state = ZoomLoopState(loop.start_id, loop.steps, loop.size, loop.step + 1, loop.target, scales, prompts)
+        graph, outputs = self._body(dynprompt, unique_id, state)
+        return {"result": outputs, "expand": graph}
+
+    # --- node expansion ---------------------------------------------------------------------
+
+    def _body(self, dynprompt, unique_id: str, state: ZoomLoopState) -> tuple[dict, tuple]:
+        """The next iteration as an expanded graph, and the links to its End's outputs."""
+        from comfy_execution.graph_utils import GraphBuilder, is_link  # only reached inside ComfyUI
+
+        upstream: dict[str, list[str]] = {}  # node -> the nodes that consume it, above End
+        pending = [unique_id]
+        while pending:
+            node_id = pending.pop()
+            for value in dynprompt.get_node(node_id).get("inputs", {}).values():
+                if is_link(value):
+                    parent = value[0]
+                    if parent not in upstream:
+                        upstream[parent] = []
+                        pending.append(parent)
+                    upstream[parent].append(node_id)
+        if state.start_id not in upstream:
+            raise RuntimeError("CoZ Zoom Loop End must be connected (through the loop body) to its "
+                               "CoZ Zoom Loop Start")
+        body = {state.start_id, unique_id}  # everything downstream of Start and upstream of End
+        pending = [state.start_id]
+        while pending:
+            for child in upstream.get(pending.pop(), []):
+                if child not in body:
+                    body.add(child)
+                    pending.append(child)
+
+        graph = GraphBuilder()
+        names = {n: "end" if n == unique_id else dynprompt.get_display_node_id(n) for n in body}
+        for node_id in body:
+            clone = graph.node(dynprompt.get_node(node_id)["class_type"], names[node_id])
+            clone.set_override_display_id(dynprompt.get_display_node_id(node_id))
+        for node_id in body:
+            clone = graph.lookup_node(names[node_id])
+            for key, value in dynprompt.get_node(node_id)["inputs"].items():
+                if is_link(value) and value[0] in body:
+                    clone.set_input(key, graph.lookup_node(names[value[0]]).out(value[1]))
+                else:
+                    clone.set_input(key, value)
+        graph.lookup_node(names[state.start_id]).set_input("state", state)
+        end = graph.lookup_node("end")
+        return graph.finalize(), tuple(end.out(i) for i in range(len(self.RETURN_TYPES)))
+
+
+NODE_CLASS_MAPPINGS = {"CoZZoomLoopStart": ZoomLoopStart, "CoZZoomLoopEnd": ZoomLoopEnd}
+NODE_DISPLAY_NAME_MAPPINGS = {"CoZZoomLoopStart": "CoZ Zoom Loop Start", "CoZZoomLoopEnd": "CoZ Zoom Loop End"}
