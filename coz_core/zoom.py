@@ -204,9 +204,14 @@ class ChainResult:
     def prompts(self) -> list[list[str]]:
         return [s.prompts for s in self.steps[1:]]
 
+    def zoom_of(self, step: ZoomStep) -> float:
+        """Magnification of ``step`` relative to scale 0 (4, 16, 64 ... by default)."""
+        return step.magnification / self.steps[0].magnification
+
     def record(self) -> dict:
+        steps = [{**s.record(), "zoom": self.zoom_of(s)} for s in self.steps]
         return {"config": asdict(self.config), "input_size": list(self.input_size),
-                "cancelled": self.cancelled, "steps": [s.record() for s in self.steps]}
+                "cancelled": self.cancelled, "steps": steps}
 
 
 def prepare_input(image: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,185 @@
+"""``coz-zoom``: run the Chain-of-Zoom chain from a shell, no ComfyUI needed.
+
+Writes, per input image, into ``OUT/<name>/``: every scale (``scale_0.png`` ...), the zoomed SR
+inputs (``zoomed_1.png`` ...), a side-by-side ``strip.png`` with the next zoom box drawn on each
+scale, ``prompts.txt`` and ``manifest.json`` (settings, crop boxes, timings, versions).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .color import COLOR_METHODS
+from .device import default_device, parse_dtype
+from .imageops import IMAGE_SUFFIXES, load_image, resize, save_image
+from .prompt.base import FixedPrompts
+from .zoom import MODES, ChainConfig, ChainResult, run_chain
+
+
+def sample_image_path() -> Path:
+    """The bundled sample photo (public domain, see data/SAMPLE_CREDITS.txt)."""
+    return Path(str(resources.files("coz_core") / "data" / "sample.png"))
+
+
+def _pair(text: str, kind: type, name: str) -> tuple:
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        values = tuple(kind(p) for p in parts if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} must look like 512 or 512x384, got {text!r}")
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"{name} takes one or two values, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="coz-zoom",
+        description="Chain-of-Zoom: zoom into an image step by step (4x, 16x, 64x, 256x ...) "
+        "with one SR model. Without IMAGE, zooms into the bundled sample photo.",
+    )
+    p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_FOLDER", help="images or folders of images")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    p.add_argument("--steps", type=int, default=4, help="zoom steps (default 4: 256x at zoom 4)")
+    p.add_argument("--zoom", type=float, default=4.0, help="magnification per step (default 4)")
+    p.add_argument("--size", type=lambda t: _pair(t, int, "--size"), default=(512, 512),
+                   help="process size, W or WxH (default 512)")
+    p.add_argument("--center", type=lambda t: _pair(t, float, "--center"), default=(0.5, 0.5),
+                   help="zoom target x,y in 0..1 of the input (default 0.5,0.5)")
+    p.add_argument("--mode", choices=MODES, default="recursive_multiscale")
+    p.add_argument("--color", choices=sorted(COLOR_METHODS), default="wavelet",
+                   help="colour alignment after each SR step (default wavelet)")
+    p.add_argument("--backbone", default="x4plus",
+                   help="embedded Real-ESRGAN name (x4plus, x4plus_anime, animevideov3) or a "
+                   "Real-ESRGAN .safetensors/.pth file (default x4plus)")
+    p.add_argument("--prompt", default="", help="user prompt appended to every step's prompt")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="model precision (auto: bf16 where the device runs it well, else fp32)")
+    p.add_argument("--device", default=None, help="torch device (default: first CUDA GPU, else CPU)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling backbones")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def collect_inputs(inputs: list[str]) -> list[Path]:
+    """Expand folders (their images, sorted); every named file must exist."""
+    if not inputs:
+        return [sample_image_path()]
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            images = sorted(f for f in item.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {item}")
+            found.extend(images)
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise FileNotFoundError(f"input not found: {item}")
+    return found
+
+
+def build_backbone(name: str, device: torch.device, dtype: torch.dtype | None):
+    from .sr.realesrgan import EMBEDDED_MODELS, load_embedded, load_upscale_file
+
+    if name in EMBEDDED_MODELS:
+        return load_embedded(name, device=device, dtype=dtype)
+    if Path(name).is_file():
+        return load_upscale_file(name, device=device, dtype=dtype)
+    raise SystemExit(
+        f"coz-zoom: --backbone {name!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) "
+        "nor an existing file"
+    )
+
+
+def make_strip(result: ChainResult, height: int = 256) -> torch.Tensor:
+    """All scales side by side (first batch element), each with the next zoom box outlined."""
+    tiles = []
+    for i, step in enumerate(result.steps):
+        img = step.image[:1].clone()
+        nxt = result.steps[i + 1] if i + 1 < len(result.steps) else None
+        if nxt is not None and nxt.crop is not None and result.config.mode not in ("onestep", "bicubic", "nearest"):
+            l, t, r, b = nxt.crop
+            color = torch.tensor([1.0, 0.85, 0.0]).view(1, 3, 1, 1)
+            lw = max(1, img.shape[-1] // 128)
+            img[..., t:b, l:l + lw] = color
+            img[..., t:b, r - lw:r] = color
+            img[..., t:t + lw, l:r] = color
+            img[..., b - lw:b, l:r] = color
+        w = round(img.shape[-1] * height / img.shape[-2])
+        tiles.append(resize(img, (height, w), "bicubic").clamp(0, 1))
+        tiles.append(torch.ones(1, 3, height, 4))
+    return torch.cat(tiles[:-1], dim=-1)
+
+
+def write_outputs(result: ChainResult, folder: Path, source: Path, backbone_name: str, extra: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    batch = result.final.shape[0]
+    for step in result.steps:
+        for b in range(batch):
+            suffix = f"_b{b}" if batch > 1 else ""
+            save_image(step.image[b], folder / f"scale_{step.index}{suffix}.png")
+            if step.zoomed is not None:
+                save_image(step.zoomed[b], folder / f"zoomed_{step.index}{suffix}.png")
+    save_image(make_strip(result), folder / "strip.png")
+    lines = [f"{s.index}: {' | '.join(s.prompts)}" for s in result.steps[1:]]
+    (folder / "prompts.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    manifest = {
+        "input": str(source),
+        "backbone": backbone_name,
+        **result.record(),
+        **extra,
+        "versions": {"coz_core": __version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = ChainConfig(mode=args.mode, steps=args.steps, zoom=args.zoom, size=args.size,
+                         center=args.center, color=args.color, user_prompt=args.prompt, seed=args.seed)
+    try:
+        inputs = collect_inputs(args.inputs)
+        device = torch.device(args.device) if args.device else default_device()
+        backbone = None
+        if config.mode in ("recursive_multiscale", "recursive", "onestep"):
+            backbone = build_backbone(args.backbone, device, parse_dtype(args.precision))
+        config.validate(backbone)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"coz-zoom: {exc}", file=sys.stderr)
+        return 2
+
+    from tqdm import tqdm
+
+    failures = 0
+    for path in inputs:
+        try:
+            image = load_image(path)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"coz-zoom: skipping {path}: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        bar = tqdm(total=config.steps + 1, desc=path.name, unit="scale", disable=args.quiet)
+        t0 = time.perf_counter()
+        result = run_chain(image, backbone, config, FixedPrompts(""), on_step=lambda s: bar.update(1))
+        bar.close()
+        name = backbone.name if backbone is not None else config.mode
+        out = args.output / path.stem
+        write_outputs(result, out, path, name, {"seconds_total": time.perf_counter() - t0})
+        print(f"{path.name}: {len(result.steps) - 1} steps, {result.zoom_of(result.steps[-1]):g}x -> {out}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""coz-zoom: outputs, manifest, folders and clear errors (model-free modes here; the default
+backbone end to end is in test_default_chain.py)."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from coz_core.cli import main, sample_image_path
+
+
+def test_sample_run_writes_everything(tmp_path):
+    assert main(["-o", str(tmp_path), "--mode", "bicubic", "--size", "64", "--steps", "3", "--quiet"]) == 0
+    out = tmp_path / "sample"
+    for name in ["scale_0.png", "scale_3.png", "zoomed_1.png", "zoomed_3.png", "strip.png", "prompts.txt"]:
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["mode"] == "bicubic" and manifest["input_size"] == [512, 512]
+    assert [round(s["zoom"]) for s in manifest["steps"]] == [1, 4, 16, 64]
+    # 64 // 64 = 1 pixel at left (64 - 1) // 2 = 31 of scale 0, 8 original pixels each
+    assert manifest["steps"][3]["box"] == pytest.approx([248.0, 248.0, 256.0, 256.0])
+    assert "torch" in manifest["versions"]
+    assert Image.open(out / "scale_3.png").size == (64, 64)
+
+
+def test_folder_with_odd_files(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.open(sample_image_path()).resize((90, 61)).save(src / "small.jpg")
+    Image.fromarray((np.arange(40 * 50).reshape(40, 50) % 65536).astype(np.uint16)).save(src / "deep.png")
+    (src / "broken.png").write_bytes(b"\x89PNG not really")
+    (src / "readme.txt").write_text("ignored")
+    rc = main([str(src), "-o", str(tmp_path / "out"), "--mode", "nearest", "--size", "32x48", "--steps", "2", "--quiet"])
+    assert rc == 1  # one input failed, the others were written
+    assert "broken.png" in capsys.readouterr().err
+    assert Image.open(tmp_path / "out" / "small" / "scale_2.png").size == (32, 48)
+    assert Image.open(tmp_path / "out" / "deep" / "scale_2.png").size == (32, 48)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["missing.png"], "input not found"),
+    (["--steps", "9", "--zoom", "4", "--size", "64", "--mode", "bicubic"], "too small"),
+    (["--center", "2,0.5", "--mode", "bicubic"], "centre"),
+])
+def test_clear_errors(tmp_path, capsys, args, message):
+    assert main(args + ["-o", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_bad_size_argument(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["-o", str(tmp_path), "--size", "big"])
