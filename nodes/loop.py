@@ -127,22 +127,17 @@ class ZoomLoopEnd:
 
     def _body(self, dynprompt, unique_id: str, state: ZoomLoopState) -> tuple[dict, tuple]:
         """The next iteration as an expanded graph, and the links to its End's outputs."""
-        from comfy_execution.graph_utils import GraphBuilder, is_link  # only reached inside ComfyUI
-
         upstream: dict[str, list[str]] = {}  # node -> the nodes that consume it, above End
         pending = [unique_id]
         while pending:
             node_id = pending.pop()
             for value in dynprompt.get_node(node_id).get("inputs", {}).values():
-                if is_link(value):
+                if _is_link(value):
                     parent = value[0]
                     if parent not in upstream:
                         upstream[parent] = []
                         pending.append(parent)
                     upstream[parent].append(node_id)
-        if state.start_id not in upstream:
-            raise RuntimeError("CoZ Zoom Loop End must be connected (through the loop body) to its "
-                               "CoZ Zoom Loop Start")
         body = {state.start_id, unique_id}  # everything downstream of Start and upstream of End
         pending = [state.start_id]
         while pending:
@@ -151,21 +146,25 @@ class ZoomLoopEnd:
                     body.add(child)
                     pending.append(child)
 
-        graph = GraphBuilder()
-        names = {n: "end" if n == unique_id else dynprompt.get_display_node_id(n) for n in body}
+        # fresh ids: this End's id (unique in the run) + the node's id in the user's graph
+        prefix = f"{unique_id}.{state.step}."
+        new_id = {n: prefix + dynprompt.get_display_node_id(n) for n in body}
+        graph = {}
         for node_id in body:
-            clone = graph.node(dynprompt.get_node(node_id)["class_type"], names[node_id])
-            clone.set_override_display_id(dynprompt.get_display_node_id(node_id))
-        for node_id in body:
-            clone = graph.lookup_node(names[node_id])
-            for key, value in dynprompt.get_node(node_id)["inputs"].items():
-                if is_link(value) and value[0] in body:
-                    clone.set_input(key, graph.lookup_node(names[value[0]]).out(value[1]))
-                else:
-                    clone.set_input(key, value)
-        graph.lookup_node(names[state.start_id]).set_input("state", state)
-        end = graph.lookup_node("end")
-        return graph.finalize(), tuple(end.out(i) for i in range(len(self.RETURN_TYPES)))
+            node = dynprompt.get_node(node_id)
+            inputs = {key: [new_id[value[0]], value[1]] if _is_link(value) and value[0] in body else value
+                      for key, value in node["inputs"].items()}
+            graph[new_id[node_id]] = {"class_type": node["class_type"], "inputs": inputs,
+                                      "override_display_id": dynprompt.get_display_node_id(node_id)}
+        graph[new_id[state.start_id]]["inputs"]["state"] = state
+        end = new_id[unique_id]
+        return graph, tuple([end, i] for i in range(len(self.RETURN_TYPES)))
+
+
+def _is_link(value) -> bool:
+    """A link in ComfyUI's API format: [node id, output index]."""
+    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+            and isinstance(value[1], (int, float)))
 
 
 NODE_CLASS_MAPPINGS = {"CoZZoomLoopStart": ZoomLoopStart, "CoZZoomLoopEnd": ZoomLoopEnd}
