@@ -1,0 +1,147 @@
+"""The pack inside a real ComfyUI (skipped unless COMFYUI_PATH points to a checkout):
+registration in /object_info, the shipped workflows through the HTTP API, the loop under the
+default and LRU caches with its memory per iteration, cancellation mid-chain, and the UI
+workflows in the real frontend (headless Chromium)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from comfy_fixtures import COMFYUI_PATH, COMFYUI_PYTHON, ROOT, SAMPLE_NAME, ComfyServer, make_base_dir, output_files
+from node_fixtures import load_pack
+
+pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout")
+
+WORKFLOWS = ROOT / "workflows"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_base_dir(tmp_path_factory.mktemp("comfy"))
+
+
+@pytest.fixture(scope="module")
+def server(base):
+    s = ComfyServer(base)
+    yield s
+    s.stop()
+
+
+def loop_prompt(steps: int, size: int, zoom: float = 2.0) -> dict:
+    """Load Image -> Zoom Loop Start -> ComfyUI's Image Sharpen -> Zoom Loop End -> Preview."""
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": SAMPLE_NAME}},
+        "2": {"class_type": "CoZZoomLoopStart", "inputs": {
+            "image": ["1", 0], "steps": steps, "zoom": zoom, "width": size, "height": size,
+            "center_x": 0.5, "center_y": 0.5}},
+        "3": {"class_type": "ImageSharpen", "inputs": {"image": ["2", 2], "sharpen_radius": 1, "sigma": 1.0,
+                                                       "alpha": 0.5}},
+        "4": {"class_type": "CoZZoomLoopEnd", "inputs": {"loop": ["2", 0], "image": ["3", 0]}},
+        "5": {"class_type": "ImageScale", "inputs": {"image": ["4", 1], "upscale_method": "nearest-exact",
+                                                     "width": 32, "height": 32, "crop": "disabled"}},
+        "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}},
+    }
+
+
+def test_every_node_is_registered_with_its_types(server):
+    info = server.get("/object_info")
+    pack = load_pack()
+    for key, cls in pack.NODE_CLASS_MAPPINGS.items():
+        assert key in info, f"{key} missing from /object_info"
+        entry = info[key]
+        assert entry["category"] == "CoZ" and entry["display_name"] == pack.NODE_DISPLAY_NAME_MAPPINGS[key]
+        assert entry["description"] == cls.DESCRIPTION
+        assert tuple(entry["output"]) == tuple(cls.RETURN_TYPES)
+        assert tuple(entry["output_name"]) == tuple(cls.RETURN_NAMES)
+        spec = cls.INPUT_TYPES()
+        for group in ("required", "optional"):
+            for name, (kind, *opts) in spec.get(group, {}).items():
+                served = entry["input"][group][name]
+                assert served[0] == kind, f"{key}.{name}"
+                assert served[1]["tooltip"] == opts[0]["tooltip"]
+
+
+@pytest.mark.parametrize("cache", ["default", "lru"])
+def test_loop_under_each_cache_and_its_memory_per_iteration(base, cache):
+    """The loop runs and repeats its body under ComfyUI's default and LRU caches; the server's
+    memory grows per iteration by about the tensors the executor keeps (scale, the body's
+    intermediates, the scale's slice of the output batch), not more."""
+    s = ComfyServer(base, ("--cache-lru", "10") if cache == "lru" else ())
+    try:
+        size = 768
+        image_bytes = size * size * 3 * 4
+        s.run(loop_prompt(1, size))  # warm up (imports, first allocations)
+        s.run(loop_prompt(2, size))
+        rss = {}
+        for steps in (2, 10):
+            s.run(loop_prompt(steps, size + 8))  # another size: nothing cached from before
+            entry = s.run(loop_prompt(steps, size))
+            rss[steps] = s.rss()
+            assert len(output_files(entry, "6")) == steps + 1  # all scales, one batch
+        per_iteration = (rss[10] - rss[2]) / 8
+        ratio = per_iteration / image_bytes
+        print(f"\n[{cache}] RSS per loop iteration: {per_iteration / 2**20:.1f} MiB = {ratio:.2f} scales "
+              f"of {size}x{size}")
+        # the executor's cache holds 3.25 scales per iteration here (kept scale, Image Sharpen's
+        # input = zoomed, region = 1/4, the scale's slice of the output batch); the rest is the
+        # allocator's and the server's own bookkeeping
+        assert 2.5 < ratio < 6
+        # the repeated prompt is served from the cache: nothing runs again
+        t = time.time()
+        entry = s.run(loop_prompt(10, size))
+        assert time.time() - t < 2 and entry["status"]["status_str"] == "success"
+    finally:
+        s.stop()
+
+
+def chain_prompt(steps: int, size: int) -> dict:
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": SAMPLE_NAME}},
+        "2": {"class_type": "CoZZoomChain", "inputs": {
+            "image": ["1", 0], "mode": "bicubic", "steps": steps, "zoom": 1.05, "width": size, "height": size,
+            "center_x": 0.5, "center_y": 0.5, "color": "wavelet", "user_prompt": "", "seed": 0}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
+    }
+
+
+@pytest.mark.parametrize("what", ["chain", "loop"])
+def test_cancel_stops_mid_chain(server, what):
+    prompt = chain_prompt(64, 1536) if what == "chain" else loop_prompt(64, 1024, zoom=1.05)
+    node = "2" if what == "chain" else None
+    t = time.time()
+    prompt_id = server.submit(prompt)
+    time.sleep(3.0)
+    server.post("/interrupt")
+    entry = server.wait(prompt_id, 120)
+    elapsed = time.time() - t
+    events = {name: data for name, data in entry["status"]["messages"]}
+    assert "execution_interrupted" in events and "execution_success" not in events
+    interrupted = events["execution_interrupted"]
+    if node:
+        assert interrupted["node_id"] == node  # inside the chain node, not before or after it
+    else:
+        assert interrupted["node_type"] in ("CoZZoomLoopEnd", "CoZZoomLoopStart", "ImageSharpen")
+    assert "6" not in entry["outputs"] and "3" not in entry["outputs"]
+    assert elapsed < 30
+
+
+def ui_workflows() -> list[Path]:
+    return sorted(WORKFLOWS.glob("*.json"))
+
+
+def test_ui_workflows_load_in_the_frontend(server, tmp_path):
+    files = ui_workflows()
+    assert files, "no UI workflows in workflows/"
+    out = subprocess.run([COMFYUI_PYTHON, str(Path(__file__).parent / "comfy_browser.py"), server.url,
+                          *map(str, files), "--screenshots", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    for path, result in report.items():
+        assert result["missing"] == [], f"{path}: missing node types {result['missing']}"
+        assert result["errors"] == [], f"{path}: console errors {result['errors']}"
+        assert result["nodes"] == len(json.loads(Path(path).read_text())["nodes"])
