@@ -173,6 +173,30 @@ def load_all(models: Iterable[ManagedModule]) -> None:
         m.module.to(device)
 
 
+class Hosted:
+    """An SR backbone or prompt source whose torch modules the host loads before every call, so it
+    takes turns on the GPU with the other models; every other attribute is the wrapped object's.
+    A wrapped object with ``to(device, dtype)`` is told where its weights went."""
+
+    def __init__(self, inner, modules: dict[str, torch.nn.Module]) -> None:
+        self.inner = inner
+        self.managed = [ManagedModule(m, name) for name, m in modules.items()]
+
+    def __getattr__(self, name: str):
+        if name == "inner":  # not set yet (e.g. while unpickling)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __call__(self, request):
+        load_all(self.managed)
+        if hasattr(self.inner, "to"):
+            self.inner.to(torch_device(), getattr(self.inner, "dtype", None))
+        return self.inner(request)
+
+    def __repr__(self) -> str:
+        return f"Hosted({self.inner!r})"
+
+
 # --- model folders -------------------------------------------------------------------------
 
 def models_root() -> Path:

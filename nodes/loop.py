@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..coz_core.zoom import center_in_crop, initial_plan, prepare_input, scale_zero, zoom_box, zoom_in
+from ..coz_core.imageops import resize
+from ..coz_core.zoom import center_in_crop, crop, initial_plan, prepare_input, scale_zero, zoom_box, zoom_in
 from . import host
 from .common import CATEGORY, ZOOM_LOOP, image_in, image_out, match_size, zoom_inputs
 
@@ -21,7 +22,8 @@ class ZoomLoopState:
     """What one iteration hands to the next (a plain object: ComfyUI never hashes or copies it)."""
 
     def __init__(self, start_id: str, steps: int, size: tuple[int, int], step: int,
-                 target: tuple[float, float], scales: tuple[torch.Tensor, ...], prompts: tuple[str, ...]):
+                 target: tuple[float, float], scales: tuple[torch.Tensor, ...], prompts: tuple[str, ...],
+                 masks: tuple[torch.Tensor, ...] | None = None):
         self.start_id = start_id  # the Start node of the running iteration
         self.steps = steps
         self.size = size  # (width, height)
@@ -29,6 +31,7 @@ class ZoomLoopState:
         self.target = target  # zoom target in scale k-1, 0..1
         self.scales = scales  # IMAGE [B, H, W, C] of scales 0..k-1
         self.prompts = prompts  # prompt STRING of steps 1..k-1
+        self.masks = masks  # MASK [B, H, W] of scales 0..k-1 when a mask rides along, else None
 
     def __repr__(self) -> str:
         return f"ZoomLoopState(step {self.step}/{self.steps}, {len(self.scales)} scales)"
@@ -41,8 +44,8 @@ class ZoomLoopStart:
                    "the nodes in between run once per step.")
     CATEGORY = CATEGORY
     FUNCTION = "start"
-    RETURN_TYPES = (ZOOM_LOOP, "IMAGE", "IMAGE", "IMAGE", "INT")
-    RETURN_NAMES = ("loop", "previous", "zoomed", "region", "step")
+    RETURN_TYPES = (ZOOM_LOOP, "IMAGE", "IMAGE", "IMAGE", "INT", "MASK")
+    RETURN_NAMES = ("loop", "previous", "zoomed", "region", "step", "mask_region")
     OUTPUT_TOOLTIPS = (
         "Connect to CoZ Zoom Loop End.",
         "The previous scale (scale 0 on the first step): the VLM's first image.",
@@ -50,6 +53,8 @@ class ZoomLoopStart:
         "(the input of CoZ SR Step).",
         "The same crop at its native resolution (for upscale models that magnify by their own factor).",
         "The step being computed, 1..steps.",
+        "The same crop of the previous scale's mask, at its native resolution (for CoZ Bilateral "
+        "Upsampler, guided by the new scale; empty without a mask).",
     )
 
     @classmethod
@@ -59,23 +64,34 @@ class ZoomLoopStart:
                 "image": ("IMAGE", {"tooltip": "The picture to zoom into (every image of the batch is zoomed)."}),
                 **zoom_inputs(),
             },
+            "optional": {
+                "mask": ("MASK", {"tooltip": "A mask or depth map (0..1) of the input image to carry through "
+                                             "the zoom: crop it with 'mask_region', upsample it in the body "
+                                             "and give it to Zoom Loop End's 'mask'."}),
+            },
             "hidden": {"unique_id": "UNIQUE_ID", "state": (ZOOM_LOOP,)},
         }
 
-    def start(self, image, steps, zoom, width, height, center_x, center_y, unique_id=None, state=None):
+    def start(self, image, steps, zoom, width, height, center_x, center_y, mask=None, unique_id=None,
+              state=None):
         size = (int(width), int(height))
         if state is None:  # the first iteration: scale 0
             picture = prepare_input(image_in(image))
             first, _, box0 = scale_zero(picture, size, (center_x, center_y))
             resized, _ = initial_plan((picture.shape[-1], picture.shape[-2]), size, (center_x, center_y))
             target = center_in_crop((center_x, center_y), box0, resized)
-            state = ZoomLoopState(unique_id, int(steps), size, 1, target, (image_out(first),), ())
+            masks = None if mask is None else (mask_zero(mask, picture, resized, box0),)
+            state = ZoomLoopState(unique_id, int(steps), size, 1, target, (image_out(first),), (), masks)
         previous = state.scales[-1]
         box = zoom_box(size, zoom, state.target)
         region, zoomed = zoom_in(image_in(previous), box)
-        handed = ZoomLoopState(unique_id, state.steps, size, state.step,
-                               center_in_crop(state.target, box, size), state.scales, state.prompts)
-        return handed, previous, image_out(zoomed), image_out(region), state.step
+        if state.masks is None:
+            mask_region = torch.zeros(1, 1, 1).expand(1, box[3] - box[1], box[2] - box[0])  # no memory
+        else:
+            mask_region = crop(state.masks[-1], box).clone()
+        handed = ZoomLoopState(unique_id, state.steps, size, state.step, center_in_crop(state.target, box, size),
+                               state.scales, state.prompts, state.masks)
+        return handed, previous, image_out(zoomed), image_out(region), state.step, mask_region
 
 
 class ZoomLoopEnd:
@@ -84,12 +100,13 @@ class ZoomLoopEnd:
                    "one batch (scale 0 first) and the prompts of the steps.")
     CATEGORY = CATEGORY
     FUNCTION = "end"
-    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING")
-    RETURN_NAMES = ("image", "scales", "prompts")
+    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING", "MASK")
+    RETURN_NAMES = ("image", "scales", "prompts", "masks")
     OUTPUT_TOOLTIPS = (
         "The last scale: the most magnified image.",
         "Every scale, scale 0 first (steps + 1 images per input image).",
         "The prompt of every step, one line each.",
+        "The carried mask at every scale, like 'scales' (zeros when Zoom Loop Start got no mask).",
     )
 
     @classmethod
@@ -103,11 +120,13 @@ class ZoomLoopEnd:
             "optional": {
                 "prompt": ("STRING", {"forceInput": True, "tooltip":
                                       "The step's prompt (from CoZ VLM Prompt), collected for the prompts output."}),
+                "mask": ("MASK", {"tooltip": "The step's mask at the new scale (e.g. CoZ Bilateral Upsampler's "
+                                             "output from Zoom Loop Start's 'mask_region'); resized if needed."}),
             },
             "hidden": {"dynprompt": "DYNPROMPT", "unique_id": "UNIQUE_ID"},
         }
 
-    def end(self, loop: ZoomLoopState, image, prompt=None, dynprompt=None, unique_id=None):
+    def end(self, loop: ZoomLoopState, image, prompt=None, mask=None, dynprompt=None, unique_id=None):
         width, height = loop.size
         batch = loop.scales[0].shape[0]
         if image.shape[0] != batch:
@@ -116,10 +135,18 @@ class ZoomLoopEnd:
             image = image_out(match_size(image_in(image), (height, width)))
         scales = loop.scales + (image,)
         prompts = loop.prompts + ((prompt or "").strip(),)
+        masks = loop.masks
+        if masks is not None:
+            if mask is None:
+                raise ValueError("Zoom Loop Start carries a mask: connect the step's mask to Zoom Loop End's 'mask'")
+            masks = masks + (fit_mask(mask, batch, (height, width)),)
         host.Progress(loop.steps).update(loop.step, preview=image)
         if loop.step >= loop.steps:
-            return image, torch.cat(scales), "\n".join(prompts)
-        state = ZoomLoopState(loop.start_id, loop.steps, loop.size, loop.step + 1, loop.target, scales, prompts)
+            all_masks = (torch.cat(masks) if masks is not None
+                         else torch.zeros(1, 1, 1).expand(len(scales) * batch, height, width))
+            return image, torch.cat(scales), "\n".join(prompts), all_masks
+        state = ZoomLoopState(loop.start_id, loop.steps, loop.size, loop.step + 1, loop.target, scales, prompts,
+                              masks)
         graph, outputs = self._body(dynprompt, unique_id, state)
         return {"result": outputs, "expand": graph}
 
@@ -159,6 +186,29 @@ class ZoomLoopEnd:
         graph[new_id[state.start_id]]["inputs"]["state"] = state
         end = new_id[unique_id]
         return graph, tuple([end, i] for i in range(len(self.RETURN_TYPES)))
+
+
+def mask_zero(mask: torch.Tensor, picture: torch.Tensor, resized: tuple[int, int], box) -> torch.Tensor:
+    """Scale 0 of a MASK [B, H, W] of the input image: resized like the image (Lanczos) and cropped."""
+    mask = mask.unsqueeze(0) if mask.ndim == 2 else mask
+    if tuple(mask.shape[-2:]) != tuple(picture.shape[-2:]):
+        raise ValueError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} but the image is "
+                         f"{picture.shape[-1]}x{picture.shape[-2]}; give a mask of the image's size")
+    mask = fit_mask(mask, picture.shape[0], tuple(mask.shape[-2:]))
+    scaled = resize(mask.float(), (resized[1], resized[0]), "lanczos").clamp(0, 1)
+    return crop(scaled, box).contiguous()
+
+
+def fit_mask(mask: torch.Tensor, batch: int, size_hw: tuple[int, int]) -> torch.Tensor:
+    """A MASK as [batch, H, W] float at ``size_hw`` (one mask is repeated over the batch)."""
+    mask = (mask.unsqueeze(0) if mask.ndim == 2 else mask).float()
+    if mask.shape[0] == 1 and batch > 1:
+        mask = mask.expand(batch, -1, -1)
+    if mask.shape[0] != batch:
+        raise ValueError(f"got {mask.shape[0]} masks for a batch of {batch}")
+    if tuple(mask.shape[-2:]) != tuple(size_hw):
+        mask = resize(mask, size_hw, "bilinear").clamp(0, 1)
+    return mask.cpu()
 
 
 def _is_link(value) -> bool:

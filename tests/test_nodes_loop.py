@@ -103,3 +103,36 @@ def test_loop_errors_name_the_problem():
     graph["1"]["inputs"]["zoom"] = 64.0  # a 16-pixel image cannot be zoomed 64x
     with pytest.raises(ValueError, match="too small"):
         GraphRun(pack.NODE_CLASS_MAPPINGS, graph).value(["2", 0])
+
+
+def test_loop_carries_a_mask_through_the_zoom():
+    """A mask equal to the red channel, zoomed by the body like the image, stays equal to it."""
+    from coz_pack.coz_core.imageops import resize
+
+    class MaskZoom:  # the body's mask path: the crop resized to the process size (bicubic)
+        FUNCTION = "run"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"mask": ("MASK",)}}
+
+        def run(self, mask):
+            return (resize(mask, (24, 32), "bicubic").clamp(0, 1),)
+
+    image = photo(h=40, w=50)
+    classes = dict(pack.NODE_CLASS_MAPPINGS, MaskZoom=MaskZoom)
+    graph = {
+        "1": {"class_type": "CoZZoomLoopStart", "inputs": {
+            "image": bhwc(image), "mask": image[:, 0], "steps": 3, "zoom": 2.0, "width": 32, "height": 24,
+            "center_x": 0.3, "center_y": 0.7}},
+        "2": {"class_type": "MaskZoom", "inputs": {"mask": ["1", 5]}},
+        "3": {"class_type": "CoZZoomLoopEnd", "inputs": {"loop": ["1", 0], "image": ["1", 2], "mask": ["2", 0]}},
+    }
+    run = GraphRun(classes, graph)
+    scales, masks = run.value(["3", 1]), run.value(["3", 3])
+    assert masks.shape == (4, 24, 32)
+    assert torch.allclose(masks, scales[..., 0], atol=1e-5)
+    # without a mask the output is an all-zero batch that costs no memory
+    del graph["1"]["inputs"]["mask"], graph["3"]["inputs"]["mask"]
+    empty = GraphRun(classes, graph).value(["3", 3])
+    assert empty.shape == (4, 24, 32) and not empty.any() and empty.untyped_storage().nbytes() == 4
