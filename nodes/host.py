@@ -140,6 +140,12 @@ def free_memory() -> None:
 
 # --- model management ----------------------------------------------------------------------
 
+class _Holder(torch.nn.Module):
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.held = module
+
+
 class ManagedModule:
     """A torch module the host loads onto the compute device on demand and offloads when another
     model needs the memory (ComfyUI: a ModelPatcher loaded with ``load_models_gpu``)."""
@@ -149,7 +155,8 @@ class ManagedModule:
         self.name = name or type(module).__name__
         self.patcher = None
         if IN_COMFY:
-            self.patcher = _patcher.ModelPatcher(module, load_device=torch_device(),
+            # a holder: ModelPatcher sets `.device` on its model, a read-only property of diffusers models
+            self.patcher = _patcher.ModelPatcher(_Holder(module), load_device=torch_device(),
                                                  offload_device=offload_device())
 
     def load(self) -> torch.device:

@@ -129,20 +129,12 @@ class SRStep:
         zoomed_t = image_in(zoomed)
         region_t = zoomed_t if region is None else fit_batch(image_in(region), zoomed_t.shape[0], "region")
         host.throw_if_cancelled()
+        if conditioning is not None and not sr_model.uses_prompt:
+            raise ValueError(f"the {sr_model.name} SR model uses no text: disconnect the CONDITIONING")
+        # CONDITIONING goes to the backbone as ComfyUI made it ([[tokens, {"pooled_output": ...}]])
         request = SRRequest(region_t, zoomed_t, split_prompts(prompt, zoomed_t.shape[0]),
-                            conditioning=conditioning_for(sr_model, conditioning), seed=int(seed))
-        out = sr_model(request)
-        return (image_out(out),)
-
-
-def conditioning_for(sr_model, conditioning):
-    """ComfyUI CONDITIONING ([[tokens, {"pooled_output": ...}], ...]) as the backbone takes it."""
-    if conditioning is None:
-        return None
-    convert = getattr(sr_model, "conditioning_from_comfy", None)
-    if convert is None:
-        raise ValueError(f"the {sr_model.name} SR model does not take CONDITIONING; give it a prompt STRING")
-    return convert(conditioning)
+                            conditioning=conditioning, seed=int(seed))
+        return (image_out(sr_model(request)),)
 
 
 class ColorFix:

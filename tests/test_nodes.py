@@ -108,8 +108,12 @@ def test_sr_step_passes_region_prompts_and_seed():
     assert torch.allclose(out, bhwc(resize(region, (32, 32), "lanczos").clamp(0, 1)), atol=1e-6)
     NODES["CoZSRStep"]().upscale(sr, bhwc(zoomed), 0, prompt="same for both")
     assert sr.requests[1].prompts == ["same for both"] * 2 and torch.equal(sr.requests[1].region, zoomed)
+    cond = [[torch.zeros(1, 4, 8), {"pooled_output": torch.zeros(1, 8)}]]
+    NODES["CoZSRStep"]().upscale(sr, bhwc(zoomed), 0, conditioning=cond)
+    assert sr.requests[2].conditioning is cond  # handed over as ComfyUI made it
+    sr.uses_prompt = False
     with pytest.raises(ValueError, match="CONDITIONING"):
-        NODES["CoZSRStep"]().upscale(sr, bhwc(zoomed), 0, conditioning=[[torch.zeros(1, 4, 8), {}]])
+        NODES["CoZSRStep"]().upscale(sr, bhwc(zoomed), 0, conditioning=cond)
 
 
 def test_vlm_prompt_asks_with_both_scales_and_appends_the_user_text():
