@@ -24,6 +24,10 @@ from .prompt.base import FixedPrompts
 from .zoom import MODES, ChainConfig, ChainResult, run_chain
 
 
+# Where the chain zooms on the sample when no --center is given: the mission patch on the suit.
+SAMPLE_CENTER = (0.34, 0.75)
+
+
 def sample_image_path() -> Path:
     """The bundled sample photo (public domain, see data/SAMPLE_CREDITS.txt)."""
     return Path(str(resources.files("coz_core") / "data" / "sample.png"))
@@ -54,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zoom", type=float, default=4.0, help="magnification per step (default 4)")
     p.add_argument("--size", type=lambda t: _pair(t, int, "--size"), default=(512, 512),
                    help="process size, W or WxH (default 512)")
-    p.add_argument("--center", type=lambda t: _pair(t, float, "--center"), default=(0.5, 0.5),
-                   help="zoom target x,y in 0..1 of the input (default 0.5,0.5)")
+    p.add_argument("--center", type=lambda t: _pair(t, float, "--center"), default=None,
+                   help="zoom target x,y in 0..1 of the input (default 0.5,0.5; on the bundled "
+                   "sample its mission patch)")
     p.add_argument("--mode", choices=MODES, default="recursive_multiscale")
     p.add_argument("--color", choices=sorted(COLOR_METHODS), default="wavelet",
                    help="colour alignment after each SR step (default wavelet)")
@@ -90,14 +95,16 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
 
 
 def build_backbone(name: str, device: torch.device, dtype: torch.dtype | None):
-    from .sr.realesrgan import EMBEDDED_MODELS, load_embedded, load_upscale_file
+    from .sr.realesrgan import EMBEDDED_MODELS, load_embedded, load_upscale_state_dict
+    from .sr.upscale import UpscaleModelBackbone
 
     if name in EMBEDDED_MODELS:
         return load_embedded(name, device=device, dtype=dtype)
     if Path(name).is_file():
-        return load_upscale_file(name, device=device, dtype=dtype)
-    raise SystemExit(
-        f"coz-zoom: --backbone {name!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) "
+        module = load_upscale_state_dict(name)
+        return UpscaleModelBackbone(module, module.scale, Path(name).stem, device=device, dtype=dtype)
+    raise ValueError(
+        f"--backbone {name!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) "
         "nor an existing file"
     )
 
@@ -147,8 +154,9 @@ def write_outputs(result: ChainResult, folder: Path, source: Path, backbone_name
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    center = args.center or (SAMPLE_CENTER if not args.inputs else (0.5, 0.5))
     config = ChainConfig(mode=args.mode, steps=args.steps, zoom=args.zoom, size=args.size,
-                         center=args.center, color=args.color, user_prompt=args.prompt, seed=args.seed)
+                         center=center, color=args.color, user_prompt=args.prompt, seed=args.seed)
     try:
         inputs = collect_inputs(args.inputs)
         device = torch.device(args.device) if args.device else default_device()

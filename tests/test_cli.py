@@ -10,7 +10,8 @@ from coz_core.cli import main, sample_image_path
 
 
 def test_sample_run_writes_everything(tmp_path):
-    assert main(["-o", str(tmp_path), "--mode", "bicubic", "--size", "64", "--steps", "3", "--quiet"]) == 0
+    args = ["-o", str(tmp_path), "--mode", "bicubic", "--size", "64", "--steps", "3", "--quiet"]
+    assert main(args + ["--center", "0.5,0.5"]) == 0
     out = tmp_path / "sample"
     for name in ["scale_0.png", "scale_3.png", "zoomed_1.png", "zoomed_3.png", "strip.png", "prompts.txt"]:
         assert (out / name).is_file(), name
