@@ -18,19 +18,19 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-# benign messages of a stock install: optional user files answering 404, blocked external calls
-BENIGN = re.compile(r"/user\.css|/api/userdata|status of 404|net::ERR_FAILED|net::ERR_ABORTED")
+# benign messages of a stock install: optional user files answering 404, blocked external calls,
+# and frontend 1.27's own settings start-up (a TypeError inside addSetting, with or without packs)
+BENIGN = re.compile(r"/user\.css|/api/userdata|status of 404|net::ERR_FAILED|net::ERR_ABORTED|"
+                    r"reading 'id'\)[\s\S]*addSetting")
 
 LOAD = """
 async (wf) => {
-  let reported = [];
-  app.registerExtension({name: "coz.check." + Date.now(),
-                         afterConfigureGraph(missing) { reported = (missing || []).map(m => m.type || String(m)); }});
   await app.loadGraphData(wf, true, true, null);
   await new Promise(r => setTimeout(r, 300));
   const known = LiteGraph.registered_node_types;
   const unknown = wf.nodes.map(n => n.type).filter(t => !known[t]);
-  return {reported, unknown, nodes: app.graph.nodes.length,
+  const dialogs = Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText).join(' ');
+  return {unknown, missingDialog: /missing/i.test(dialogs), nodes: app.graph.nodes.length,
           broken: app.graph.nodes.filter(n => n.has_errors).map(n => n.type)};
 }
 """
@@ -63,7 +63,7 @@ def main() -> None:
             errors: list[str] = []
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            page.on("pageerror", lambda e: errors.append(f"page error: {e} {e.stack}"))
             page.route("**/*", lambda r: r.continue_() if urllib.parse.urlparse(r.request.url).netloc in ("", host)
                        else r.abort())
             page.goto(url + "/", timeout=120_000)
@@ -73,7 +73,7 @@ def main() -> None:
             page.wait_for_timeout(500)
             if args.screenshots:
                 page.screenshot(path=str(Path(args.screenshots) / (Path(path).stem + ".png")))
-            report[path] = {"missing": sorted(set(result["reported"]) | set(result["unknown"])),
+            report[path] = {"missing": sorted(set(result["unknown"])), "missing_dialog": result["missingDialog"],
                             "broken": result["broken"], "nodes": result["nodes"],
                             "errors": [e for e in errors if not BENIGN.search(e)]}
             page.close()

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from comfy_fixtures import COMFYUI_PATH, COMFYUI_PYTHON, ROOT, SAMPLE_NAME, ComfyServer, make_base_dir, output_files
 from node_fixtures import load_pack
@@ -129,6 +130,30 @@ def test_cancel_stops_mid_chain(server, what):
     assert elapsed < 30
 
 
+# small settings for the runs here (CPU): process size, steps, model choices
+RUN_SETTINGS = {
+    "01_offline_zoom_realesrgan": {"3": {"width": 64, "height": 64, "steps": 2}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(RUN_SETTINGS))
+def test_shipped_workflow_runs(server, base, name):
+    """The API-format copy of a shipped workflow, as it is but smaller, through the HTTP API."""
+    prompt = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    for node, inputs in RUN_SETTINGS[name].items():
+        prompt[node]["inputs"].update(inputs)
+    entry = server.run(prompt, timeout=600)
+    steps = next(n["inputs"]["steps"] for n in prompt.values() if "steps" in n["inputs"])
+    saved = [n for n, v in prompt.items() if v["class_type"] == "SaveImage"]
+    assert saved
+    for node in saved:
+        files = entry["outputs"][node]["images"]
+        assert len(files) == steps + 1  # every scale
+        for f in files:
+            with Image.open(base / "output" / f["subfolder"] / f["filename"]) as im:
+                assert im.size == (64, 64)
+
+
 def ui_workflows() -> list[Path]:
     return sorted(WORKFLOWS.glob("*.json"))
 
@@ -136,6 +161,9 @@ def ui_workflows() -> list[Path]:
 def test_ui_workflows_load_in_the_frontend(server, tmp_path):
     files = ui_workflows()
     assert files, "no UI workflows in workflows/"
+    api = {p.stem for p in (WORKFLOWS / "api").glob("*.json")}
+    assert {p.stem for p in files} == api, "every UI workflow has its API-format copy"
+    assert all(p.with_suffix(".jpg").is_file() for p in files), "every UI workflow has a thumbnail"
     out = subprocess.run([COMFYUI_PYTHON, str(Path(__file__).parent / "comfy_browser.py"), server.url,
                           *map(str, files), "--screenshots", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)

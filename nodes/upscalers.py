@@ -1,0 +1,78 @@
+"""Upscale-model backbones: the embedded Real-ESRGAN and ComfyUI's own UPSCALE_MODEL."""
+from __future__ import annotations
+
+from ..coz_core.sr.realesrgan import DEFAULT_MODEL, EMBEDDED_MODELS, ensure_converted, load_upscale_state_dict
+from ..coz_core.sr.upscale import UpscaleModelBackbone, torch_module_of
+from . import host
+from .common import CATEGORY, SR_MODEL
+
+TILE = ("INT", {"default": 512, "min": 0, "max": 4096, "step": 16, "tooltip":
+                "Largest input processed at once, in pixels per side (0 = never tile). Smaller saves memory."})
+
+
+class LoadRealESRGAN:
+    DESCRIPTION = ("The Real-ESRGAN x4 model that ships with the pack (no download): a fast SR backbone "
+                   "for the chain on any machine. It is converted once into models/upscale_models, where "
+                   "ComfyUI's Load Upscale Model finds it too.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (SR_MODEL,)
+    RETURN_NAMES = ("sr_model",)
+    OUTPUT_TOOLTIPS = ("The SR backbone for CoZ SR Step or CoZ Zoom Chain.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        names = list(EMBEDDED_MODELS)
+        tips = "; ".join(f"{m.name}: {m.description}" for m in EMBEDDED_MODELS.values())
+        return {
+            "required": {
+                "model": (names, {"default": DEFAULT_MODEL, "tooltip": tips}),
+                "precision": (list(host.PRECISIONS), {"default": "auto", "tooltip":
+                                                      "Weight precision; auto picks what the device runs well."}),
+                "tile": TILE,
+            },
+        }
+
+    def load(self, model, precision, tile):
+        path = ensure_converted(model, host.folder_paths("upscale_models")[0])
+        module = load_upscale_state_dict(path)
+        device = host.offload_device()
+        dtype = host.pick_dtype(precision, host.torch_device())
+        backbone = UpscaleModelBackbone(module, module.scale, f"Real-ESRGAN {model}", tile=tile or None,
+                                        device=device, dtype=dtype)
+        return (host.Hosted(backbone, {f"Real-ESRGAN {model}": module}),)
+
+
+class UpscaleModelToSR:
+    DESCRIPTION = ("Turns ComfyUI's UPSCALE_MODEL (from Load Upscale Model: ESRGAN, SwinIR, HAT, ...) into "
+                   "an SR backbone of the chain. The model magnifies the crop by its own factor; the result "
+                   "is resized to the process size when the zoom differs.")
+    CATEGORY = CATEGORY
+    FUNCTION = "adapt"
+    RETURN_TYPES = (SR_MODEL,)
+    RETURN_NAMES = ("sr_model",)
+    OUTPUT_TOOLTIPS = ("The SR backbone for CoZ SR Step or CoZ Zoom Chain.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "upscale_model": ("UPSCALE_MODEL", {"tooltip": "From ComfyUI's Load Upscale Model."}),
+                "tile": TILE,
+            },
+        }
+
+    def adapt(self, upscale_model, tile):
+        module = torch_module_of(upscale_model)
+        if module is None:
+            raise TypeError(f"expected an UPSCALE_MODEL from Load Upscale Model, got {type(upscale_model).__name__}")
+        # shared with other nodes (e.g. Upscale Image (using Model)): keep its dtype and layout, move
+        # it to the compute device only while it runs, as ComfyUI's own upscale node does
+        backbone = UpscaleModelBackbone(upscale_model, None, None, tile=tile or None, device=host.torch_device(),
+                                        dtype=next(module.parameters()).dtype, channels_last=False, restore=True)
+        return (backbone,)
+
+
+NODE_CLASS_MAPPINGS = {"CoZLoadRealESRGAN": LoadRealESRGAN, "CoZUpscaleModelToSR": UpscaleModelToSR}
+NODE_DISPLAY_NAME_MAPPINGS = {"CoZLoadRealESRGAN": "CoZ Load Real-ESRGAN (embedded)",
+                              "CoZUpscaleModelToSR": "CoZ Upscale Model as SR Model"}
