@@ -49,6 +49,7 @@ def loop_prompt(steps: int, size: int, zoom: float = 2.0) -> dict:
 
 
 def test_every_node_is_registered_with_its_types(server):
+    assert {"coz", "LLM", "diffusers", "upscale_models"} <= set(server.get("/models"))  # model folders
     info = server.get("/object_info")
     pack = load_pack()
     for key, cls in pack.NODE_CLASS_MAPPINGS.items():
@@ -97,6 +98,35 @@ def test_loop_under_each_cache_and_its_memory_per_iteration(base, cache):
         assert time.time() - t < 2 and entry["status"]["status_str"] == "success"
     finally:
         s.stop()
+
+
+def test_comfy_upscale_model_in_the_loop_body_and_as_backbone(server, base):
+    """ComfyUI's own Load Upscale Model (spandrel) on the pack's converted Real-ESRGAN file: as the
+    loop body (Upscale Image (using Model) on the native crop) and through the adapter node in the
+    all-in-one chain; both give every scale at the process size."""
+    from coz_pack.coz_core.sr.realesrgan import ensure_converted
+
+    name = ensure_converted("animevideov3", base / "models" / "upscale_models").name
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": SAMPLE_NAME}},
+        "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": name}},
+        "3": {"class_type": "CoZZoomLoopStart", "inputs": {
+            "image": ["1", 0], "steps": 2, "zoom": 2.0, "width": 48, "height": 48, "center_x": 0.34, "center_y": 0.75}},
+        "4": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["3", 3]}},
+        "5": {"class_type": "CoZZoomLoopEnd", "inputs": {"loop": ["3", 0], "image": ["4", 0]}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 1], "filename_prefix": "body"}},
+        "7": {"class_type": "CoZUpscaleModelToSR", "inputs": {"upscale_model": ["2", 0], "tile": 0}},
+        "8": {"class_type": "CoZZoomChain", "inputs": {
+            "image": ["1", 0], "sr_model": ["7", 0], "mode": "recursive", "steps": 2, "zoom": 4.0, "width": 48,
+            "height": 48, "center_x": 0.34, "center_y": 0.75, "color": "wavelet", "user_prompt": "", "seed": 0}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 1], "filename_prefix": "adapter"}},
+    }
+    entry = server.run(prompt)
+    for node in ("6", "9"):
+        files = entry["outputs"][node]["images"]
+        assert len(files) == 3
+        with Image.open(base / "output" / files[-1]["filename"]) as im:
+            assert im.size == (48, 48)
 
 
 def chain_prompt(steps: int, size: int) -> dict:
