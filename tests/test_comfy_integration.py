@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,11 @@ def test_ui_workflows_load_in_the_frontend(server, tmp_path):
     api = {p.stem for p in (WORKFLOWS / "api").glob("*.json")}
     assert {p.stem for p in files} == api, "every UI workflow has its API-format copy"
     assert all(p.with_suffix(".jpg").is_file() for p in files), "every UI workflow has a thumbnail"
+    # the template browser lists them and serves their thumbnails
+    assert sorted(server.get("/workflow_templates")["comfyui-chain-of-zoom"]) == [p.stem for p in files]
+    for p in files:
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/comfyui-chain-of-zoom/{p.stem}.jpg") as r:
+            assert r.status == 200 and r.read(3) == b"\xff\xd8\xff"
     out = subprocess.run([COMFYUI_PYTHON, str(Path(__file__).parent / "comfy_browser.py"), server.url,
                           *map(str, files), "--screenshots", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
