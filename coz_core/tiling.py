@@ -70,6 +70,8 @@ def tiled_map(
                 out = torch.zeros(*piece.shape[:-2], oh, ow, device=piece.device, dtype=torch.float32)
                 weight = torch.zeros(oh, ow, device=piece.device, dtype=torch.float32)
             ph, pw = piece.shape[-2:]
+            if (ph, pw) != (round(tile_h * scale), round(tile_w * scale)):
+                raise ValueError(f"a {tile_h}x{tile_w} tile gave {ph}x{pw}, expected the tile scaled by {scale}")
             oy, ox = round(y * scale), round(x0 * scale)
             ov_h = ov_w = round(overlap * scale)
             wy = _ramp(ph, ov_h, y > 0, y + tile_h < h, piece.device, torch.float32)
