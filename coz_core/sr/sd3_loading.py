@@ -222,7 +222,7 @@ def _text_file_state(path: Path, component: str) -> dict[str, torch.Tensor]:
 def _folder_state(folder: Path, component: str) -> dict[str, torch.Tensor]:
     sub = folder / SUBFOLDER[component]
     files = sorted(sub.glob("*.safetensors"))
-    plain = [f for f in files if not re.search(r"\.(fp16|bf16|fp32)\.", f.name)]
+    plain = [f for f in files if not re.search(r"\.(fp16|bf16|fp32)[.-]", f.name)]  # variants, e.g. model.fp16-00001-of-00002
     files = plain or files
     if not files:
         raise CheckpointError(f"{sub}: no .safetensors weights for the {component} (only safetensors are read)")
