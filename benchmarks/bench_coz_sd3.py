@@ -95,24 +95,31 @@ def params_of(component: str) -> dict[str, int]:
     return {"total": total, "linear": linear}
 
 
-def measure(fn, device: str, warmup: bool = True) -> tuple[float, int]:
-    """(seconds, activation peak bytes) of one call of ``fn()``, after a warm-up call if asked."""
+def measure(fn, device: str, warmup: bool = True, repeats: int = 1) -> tuple[float, int]:
+    """(seconds: best of ``repeats`` calls, activation peak bytes) of ``fn()``, after a warm-up if asked."""
     with torch.no_grad():
         if warmup:
             fn()
+        times = []
         if device == "cuda":
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            return min(times), torch.cuda.max_memory_allocated() - base
+        for _ in range(repeats - 1):
             t = time.perf_counter()
             fn()
-            torch.cuda.synchronize()
-            return time.perf_counter() - t, torch.cuda.max_memory_allocated() - base
+            times.append(time.perf_counter() - t)
         with LivePeak() as tracker:
             t = time.perf_counter()
             fn()
-            seconds = time.perf_counter() - t
-        return seconds, tracker.peak
+            times.append(time.perf_counter() - t)
+        return min(times), tracker.peak
 
 
 def bench_transformer(size: int, dtype, device, depth: int | None, fp8: bool = False) -> tuple[float, int]:
@@ -123,7 +130,7 @@ def bench_transformer(size: int, dtype, device, depth: int | None, fp8: bool = F
         pooled = torch.randn(1, 2048, device=device, dtype=dtype)
         t = torch.full((1,), 1000.0, device=device, dtype=dtype)
         return measure(lambda: model(hidden_states=z, timestep=t, encoder_hidden_states=seq,
-                                     pooled_projections=pooled, return_dict=False), device)
+                                     pooled_projections=pooled, return_dict=False), device, repeats=3)
     if depth is None:
         model = build("transformer", dtype, device, fp8=fp8)
         result = run(model)
@@ -158,12 +165,12 @@ def bench_text(component: str, dtype, device, depth: int | None, fp8: bool = Fal
     if component == "t5":
         ids = torch.randint(0, 32000, (1, 512), device=device)
         model = build(component, dtype, device, depth=depth, fp8=fp8)
-        s, p = measure(lambda: model(ids), device)
+        s, p = measure(lambda: model(ids), device, repeats=2)
         s = s * full / (depth or full)
     else:
         ids = torch.randint(0, 49000, (1, 77), device=device)
         model = build(component, dtype, device)
-        s, p = measure(lambda: model(ids, output_hidden_states=True), device)
+        s, p = measure(lambda: model(ids, output_hidden_states=True), device, repeats=2)
     del model
     return s, p
 

@@ -214,3 +214,32 @@ def test_chain_end_to_end_with_tiny_sd3(backbone):
     assert len(result.steps) == 3
     assert all(s.image.shape == (1, 3, 32, 32) and torch.isfinite(s.image).all() for s in result.steps)
     assert result.prompts == [["a cat"], ["zoom dog"]]
+
+
+def test_comfyui_style_tokenizer_folders(tiny, backbone, tmp_path):
+    """One plain CLIP BPE folder (vocab.json + merges.txt, like ComfyUI's sd1_tokenizer) serves both CLIPs."""
+    import json
+
+    clip_dir = tmp_path / "sd1_tokenizer"
+    clip_dir.mkdir()
+    vocab = json.loads((tiny.folder / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    (clip_dir / "vocab.json").write_text(json.dumps(vocab))
+    (clip_dir / "merges.txt").write_text("#version: 0.2\n")
+    model = CoZSD3Backbone.from_files(
+        tiny.single_clips, tiny.lora_pkl, tiny.vae_pt, t5=tiny.t5, precision=FP32, latent_mode="mean",
+        config_dir=tiny.folder, tokenizers={"clip_l": clip_dir, "clip_g": clip_dir, "t5": tiny.folder / "tokenizer_3"})
+    assert model.text_encoder.tokenizer("clip_g").pad_token == "!"
+    ours, ref = model.text_encoder(PROMPTS), backbone.text_encoder(PROMPTS)
+    torch.testing.assert_close(ours.prompt_embeds, ref.prompt_embeds, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.pooled, ref.pooled, rtol=1e-6, atol=1e-6)
+
+
+def test_transformer_weights_stored_in_fp8(tiny, backbone):
+    fp8 = CoZSD3Backbone.from_files(tiny.folder, tiny.lora_pkl, tiny.vae_pt, latent_mode="mean", transformer_fp8=True,
+                                    precision=SD3Precision(torch.bfloat16, torch.float32, torch.float32, torch.float32))
+    linear = fp8.transformer.transformer_blocks[0].norm1.linear
+    assert linear.weight is None and linear.stored_weight.dtype == torch.float8_e4m3fn
+    x = images(1)
+    out = fp8(SRRequest(x, x, PROMPTS[:1]))
+    assert torch.isfinite(out).all()
+    assert (out - backbone(SRRequest(x, x, PROMPTS[:1]))).abs().mean() < 0.05

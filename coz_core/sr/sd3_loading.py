@@ -210,13 +210,20 @@ def _text_file_state(path: Path, component: str) -> dict[str, torch.Tensor]:
     keys = safetensors_keys(path)
     if any(k.endswith("scale_weight") or k == "scaled_fp8" for k in keys):
         raise CheckpointError(f"{path}: 'scaled fp8' text-encoder files are not supported; use t5xxl_fp16 or t5xxl_fp8_e4m3fn")
-    anchor = "shared.weight" if component == "t5" else "text_model.embeddings.token_embedding.weight"
+    anchor = "encoder.final_layer_norm.weight" if component == "t5" else "text_model.embeddings.token_embedding.weight"
     hits = [k for k in keys if k.endswith(anchor)]
     if not hits:
-        kind = "T5 encoder ('...shared.weight')" if component == "t5" else "CLIP text model ('text_model.embeddings...')"
+        kind = "T5 encoder ('encoder.block...')" if component == "t5" else "CLIP text model ('text_model.embeddings...')"
         raise CheckpointError(f"{path}: not a {kind}; it cannot serve as the {component} text encoder")
     prefix = hits[0][: -len(anchor)]
-    return _strip(read_safetensors(path, lambda k: k.startswith(prefix)), prefix)
+    return _single_file_clip_l(_strip(read_safetensors(path, lambda k: k.startswith(prefix)), prefix), component)
+
+
+def _single_file_clip_l(state: dict[str, torch.Tensor], component: str) -> dict[str, torch.Tensor]:
+    """SD3 pools CLIP-L unprojected: single files get the identity projection, as diffusers and ComfyUI do."""
+    if component == "clip_l":
+        state.pop("text_projection.weight", None)
+    return state
 
 
 def _folder_state(folder: Path, component: str) -> dict[str, torch.Tensor]:
@@ -319,7 +326,7 @@ def _single_file_component(path: Path, component: str, config_dir) -> dict[str, 
         return convert_sd3_transformer_checkpoint_to_diffusers(_strip(state, PREFIX["transformer"]))
     if component == "vae":
         return convert_ldm_vae_checkpoint(state, read_config("vae", config_dir))
-    return _strip(state, PREFIX[component])
+    return _single_file_clip_l(_strip(state, PREFIX[component]), component)
 
 
 def _check_folder_family(folder: Path, config_dir) -> None:
