@@ -138,6 +138,10 @@ def test_wrong_families_are_refused(tiny, tmp_path):
     with pytest.raises(CheckpointError, match=r"clip_l weights do not match.*wrong shape"):
         load_sd3_medium(tiny.single, clip_l=tiny.clip_g, clip_g=tiny.clip_g, text_encoders=("clip_l", "clip_g"),
                         config_dir=tiny.folder)
+    ckpt = tmp_path / "sd3_medium.ckpt"
+    ckpt.write_bytes(b"0")
+    with pytest.raises(CheckpointError, match="refused for safety"):
+        load_sd3_medium(ckpt, config_dir=tiny.folder)
     with pytest.raises(CheckpointError, match="has no t5 text encoder"):
         load_sd3_medium(tiny.single_clips, config_dir=tiny.folder)
 

@@ -27,7 +27,7 @@ from diffusers.loaders.single_file_utils import (
 )
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from ..checkpoints import CheckpointError, describe_mismatch, read_safetensors, safetensors_keys
+from ..checkpoints import CheckpointError, describe_mismatch, is_safetensors, read_safetensors, safetensors_keys
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "sd3_medium"
 TEXT_COMPONENTS = ("clip_l", "clip_g", "t5")
@@ -53,7 +53,8 @@ class SD3Precision:
     vae: torch.dtype = torch.float32
     text: torch.dtype = torch.float16  # CLIP-L / CLIP-G (the reference runs them in float16)
     t5: torch.dtype = torch.bfloat16  # T5 compute dtype (float16 overflows in T5-XXL)
-    t5_fp8: bool = False  # keep T5's linear weights in float8 e4m3 and upcast per layer
+    # keep T5's linear weights in float8 e4m3, upcast per layer; None: when the file stores float8
+    t5_fp8: bool | None = None
 
 
 @dataclass
@@ -283,6 +284,9 @@ def load_sd3_medium(
         _check_folder_family(source, cfg_dir)
         tokenizer_default = tokenizer_paths_from_folder(source)
     else:
+        if not is_safetensors(source):
+            raise CheckpointError(f"{source}: only .safetensors single files (or a diffusers folder) are read; "
+                                  "pickled .ckpt/.pt checkpoints are refused for safety")
         info = detect_sd3_file(source, config_dir)
         if "vae" not in info.components:
             raise CheckpointError(f"{source}: the checkpoint has no VAE ('first_stage_model.'); use sd3_medium.safetensors")
@@ -304,8 +308,11 @@ def load_sd3_medium(
                 f"models/clip or text_encoders) or leave '{c}' out of the text encoders"
             )
         where = str(separate.get(c) or source)
-        fp8 = c == "t5" and precision.t5_fp8
-        model = build_component(c, getters[c](), read_config(c, cfg_dir), dtypes[c], where, keep_fp8_linears=fp8)
+        state = getters[c]()
+        fp8 = c == "t5" and (precision.t5_fp8 if precision.t5_fp8 is not None
+                             else any(v.dtype == FP8 for v in state.values()))
+        model = build_component(c, state, read_config(c, cfg_dir), dtypes[c], where, keep_fp8_linears=fp8)
+        del state
         models.sources[c] = where
         if c == "transformer":
             models.transformer = model
