@@ -296,3 +296,14 @@ def build_tiny_sd3(root: Path) -> TinySD3:
     # the reference loads the float16 file into the float32 PEFT model: do the same
     peft_vae.encoder.load_state_dict(torch.load(vae_pt, weights_only=True))
     return TinySD3(root, parts, folder, single, clips, fp8, clip_l, clip_g, t5, lora_pkl, vae_pt, peft_vae.eval(), lora)
+
+
+_BUILT: dict[Path, TinySD3] = {}
+
+
+def shared_tiny_sd3(tmp_path_factory) -> TinySD3:
+    """One tiny SD3 per test session (its files are only read by the tests)."""
+    base = Path(tmp_path_factory.getbasetemp())
+    if base not in _BUILT:
+        _BUILT[base] = build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"))
+    return _BUILT[base]

@@ -16,7 +16,7 @@ from coz_core.sr.coz_weights import apply_vae_encoder, merge_adaln_lora
 from coz_core.sr.sd3_loading import SD3Precision, load_sd3_medium
 from coz_core.sr.sd3_text import SD3Conditioning
 from coz_core.zoom import ChainConfig, run_chain
-from tests.sd3_fixtures import TinySD3, adaln_linears, build_tiny_sd3
+from tests.sd3_fixtures import TinySD3, adaln_linears, shared_tiny_sd3
 
 FP32 = SD3Precision(transformer=torch.float32, vae=torch.float32, text=torch.float32, t5=torch.float32)
 PROMPTS = ["a cat", "zoom dog"]
@@ -24,7 +24,7 @@ PROMPTS = ["a cat", "zoom dog"]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> TinySD3:
-    return build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"))
+    return shared_tiny_sd3(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
