@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
-PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin", ".ckpt")
 
 
 class CheckpointError(ValueError):
@@ -123,7 +122,3 @@ def describe_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tup
             parts.append(f"{len(items)} {label}: {', '.join(items[:limit])}{more}")
     return "; ".join(parts)
 
-
-def first_keys(keys: Iterable[str], n: int = 3) -> str:
-    keys = list(keys)
-    return ", ".join(keys[:n]) + (" ..." if len(keys) > n else "")

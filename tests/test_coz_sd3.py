@@ -14,7 +14,6 @@ from coz_core.sr.base import SRBackbone, SRRequest
 from coz_core.sr.coz_sd3 import CoZSD3Backbone
 from coz_core.sr.coz_weights import apply_vae_encoder, merge_adaln_lora
 from coz_core.sr.sd3_loading import SD3Precision, load_sd3_medium
-from coz_core.sr.sd3_text import SD3Conditioning
 from coz_core.zoom import ChainConfig, run_chain
 from tests.sd3_fixtures import TinySD3, adaln_linears, shared_tiny_sd3
 

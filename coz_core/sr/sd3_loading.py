@@ -43,6 +43,7 @@ SUBFOLDER = {"transformer": "transformer", "vae": "vae", "clip_l": "text_encoder
              "clip_g": "text_encoder_2", "t5": "text_encoder_3"}
 TOKENIZER_SUBFOLDER = {"clip_l": "tokenizer", "clip_g": "tokenizer_2", "t5": "tokenizer_3"}
 FP8 = torch.float8_e4m3fn
+_IGNORED_EXTRA = {"logit_scale", "text_model.embeddings.position_ids"}  # harmless extras in CLIP files
 
 
 @dataclass
@@ -149,8 +150,6 @@ def build_component(
         store_linears(model, FP8)
     return model.eval().requires_grad_(False)
 
-
-_IGNORED_EXTRA = {"logit_scale", "text_model.embeddings.position_ids"}
 
 
 # --- detection ------------------------------------------------------------------------------------
