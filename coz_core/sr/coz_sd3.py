@@ -1,0 +1,199 @@
+"""CoZ's SR step: OSEDiff-style one-step SD3 medium with CoZ's LoRA and VAE encoder merged in.
+
+One step, exactly the reference's conventions: x in [-1, 1]; z = VAE.encode(x) (a sample of
+the latent distribution, or its mean in deterministic mode) * scaling_factor, with NO shift on
+encode; v = transformer(z, t=1000, text); z0 = z - v; image = VAE.decode(z0 / scaling_factor +
+shift_factor), clamped to [-1, 1]. CFG 1 (no negative pass).
+
+Memory: the LoRA is merged into the weights at load time, each batch element is processed on
+its own, large images go through the VAE (and, beyond the transformer's positional range or on
+request, the transformer) in overlapping, smoothly blended tiles.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..tiling import tiled_map
+from .base import SRRequest
+from .coz_weights import apply_vae_encoder, merge_adaln_lora
+from .sd3_loading import FP8, TEXT_COMPONENTS, SD3Precision, load_sd3_medium, store_linears
+from .sd3_text import SD3Conditioning, SD3TextEncoder
+
+TIMESTEP = 1000.0  # FlowMatchEuler (shift 3) with one step: sigma 1, t = 1000
+LATENT_MODES = ("sample", "mean")
+
+
+@dataclass
+class TileSettings:
+    """Tile sizes in pixels (0 = never tile). Latent tiles are given in pixels too (divided by 8)."""
+
+    vae: int = 1024  # images larger than this go through the VAE in tiles
+    vae_overlap: int = 128
+    latent: int = 0  # transformer tiles; 0 = whole latent (tiled only beyond its positional range)
+    latent_overlap: int = 256
+
+
+class CoZSD3Backbone:
+    """SRBackbone: the CoZ one-step SD3 super-resolution model."""
+
+    name = "coz-sd3"
+    size_multiple = 16  # VAE 8 x patch 2
+    uses_prompt = True
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        vae: torch.nn.Module,
+        text_encoder: SD3TextEncoder | None = None,
+        latent_mode: str = "sample",
+        tiles: TileSettings | None = None,
+    ) -> None:
+        if latent_mode not in LATENT_MODES:
+            raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
+        self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
+        self.latent_mode = latent_mode
+        self.tiles = tiles or TileSettings()
+
+    @classmethod
+    def from_files(
+        cls,
+        sd3: str | Path,
+        lora: str | Path | None,
+        vae_encoder: str | Path | None,
+        *,
+        clip_l: str | Path | None = None,
+        clip_g: str | Path | None = None,
+        t5: str | Path | None = None,
+        text_encoders: tuple[str, ...] = TEXT_COMPONENTS,
+        tokenizers: str | Path | dict[str, str | Path] | None = None,
+        precision: SD3Precision | None = None,
+        transformer_fp8: bool = False,
+        device: str | torch.device = "cpu",
+        text_device: str | torch.device | None = None,
+        latent_mode: str = "sample",
+        tiles: TileSettings | None = None,
+        config_dir: str | Path | None = None,
+    ) -> "CoZSD3Backbone":
+        """Load SD3 medium (folder or single file, see ``load_sd3_medium``), merge CoZ's weights, place it.
+
+        ``lora``/``vae_encoder``: CoZ's ``model_20001.pkl`` / ``vae_encoder_20001.pt`` or their
+        safetensors conversions (None leaves plain SD3, only useful for comparisons).
+        ``transformer_fp8`` stores the transformer's linear weights in float8 after the merge.
+        """
+        models = load_sd3_medium(sd3, clip_l=clip_l, clip_g=clip_g, t5=t5, text_encoders=text_encoders,
+                                 tokenizers=tokenizers, precision=precision, config_dir=config_dir)
+        if lora is not None:
+            merge_adaln_lora(models.transformer, lora)
+        if vae_encoder is not None:
+            apply_vae_encoder(models.vae, vae_encoder)
+        if transformer_fp8:
+            store_linears(models.transformer, FP8)
+        models.transformer.to(device)
+        models.vae.to(device)
+        text = None
+        if "clip_l" in models.text_encoders and "clip_g" in models.text_encoders:
+            for m in models.text_encoders.values():
+                m.to(text_device or device)
+            text = SD3TextEncoder(models.text_encoders["clip_l"], models.text_encoders["clip_g"],
+                                  models.text_encoders.get("t5"), models.tokenizer_paths,
+                                  joint_dim=models.transformer.config.joint_attention_dim)
+        elif models.text_encoders:
+            raise ValueError("SD3 needs both CLIP-L and CLIP-G to encode text (T5 is optional)")
+        return cls(models.transformer, models.vae, text, latent_mode=latent_mode, tiles=tiles)
+
+    # --- pieces of the step -------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def conditioning(self, request: SRRequest) -> SD3Conditioning:
+        cond: Any = request.conditioning
+        if cond is None:
+            if self.text_encoder is None:
+                raise ValueError("this CoZ model was loaded without text encoders: give precomputed SD3 "
+                                 "conditioning (prompt embeddings + pooled) instead of prompts")
+            cond = self.text_encoder(request.prompts or [""] * request.batch)
+        elif isinstance(cond, (tuple, list)) and len(cond) == 2 and all(isinstance(c, torch.Tensor) for c in cond):
+            cond = SD3Conditioning(cond[0], cond[1])
+        elif not isinstance(cond, SD3Conditioning):
+            cond = SD3Conditioning.from_comfy(cond)
+        return cond.expand(request.batch)
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latent of ``x`` [1, 3, H, W] in [-1, 1]: (sample or mean) * scaling_factor, no shift."""
+        vae = self.vae
+        dtype, device = next(vae.parameters()).dtype, next(vae.parameters()).device
+
+        def moments(tile: torch.Tensor) -> torch.Tensor:
+            return vae.encode(tile.to(device, dtype)).latent_dist.parameters.float()
+
+        params = tiled_map(moments, x, self.tiles.vae, self.tiles.vae_overlap, scale=1 / 8, align=8)
+        mean, logvar = params.chunk(2, dim=1)
+        if self.latent_mode == "mean":
+            z = mean
+        else:
+            noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32,
+                                device=generator.device if generator is not None else mean.device)
+            z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise.to(mean.device)
+        return z * vae.config.scaling_factor
+
+    def velocity(self, z: torch.Tensor, cond: SD3Conditioning) -> torch.Tensor:
+        """The transformer's prediction at t = 1000 for latent ``z`` [1, C, h, w] (float32 out)."""
+        transformer = self.transformer
+        device = self.device
+        dtype = next(p.dtype for p in transformer.parameters() if p.dtype.itemsize > 1)
+        seq = cond.prompt_embeds.to(device, dtype)
+        pooled = cond.pooled.to(device, dtype)
+        t = torch.full((z.shape[0],), TIMESTEP, device=device, dtype=dtype)
+
+        def run(tile: torch.Tensor) -> torch.Tensor:
+            return transformer(hidden_states=tile.to(device, dtype), timestep=t, encoder_hidden_states=seq,
+                               pooled_projections=pooled, return_dict=False)[0].float()
+
+        cfg = transformer.config
+        tile = self.tiles.latent // 8
+        max_cells = cfg.pos_embed_max_size * cfg.patch_size if cfg.pos_embed_max_size else 0
+        if max_cells and max(z.shape[-2:]) > max_cells and not 0 < tile <= max_cells:
+            tile = max_cells  # beyond SD3's positional-embedding range: tiles are the only way
+        return tiled_map(run, z, tile, min(self.tiles.latent_overlap // 8, max(tile - 2, 0)), align=cfg.patch_size)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] (clamped) of latent ``z``: VAE.decode(z / scaling_factor + shift_factor)."""
+        vae = self.vae
+        dtype, device = next(vae.parameters()).dtype, next(vae.parameters()).device
+        latent = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+
+        def run(tile: torch.Tensor) -> torch.Tensor:
+            return vae.decode(tile.to(device, dtype), return_dict=False)[0].float()
+
+        image = tiled_map(run, latent, self.tiles.vae // 8, self.tiles.vae_overlap // 8, scale=8)
+        return image.clamp(-1, 1)
+
+    # --- the backbone -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(self, request: SRRequest) -> torch.Tensor:
+        cond = self.conditioning(request)
+        h, w = request.size
+        m = self.size_multiple
+        pad_h, pad_w = -h % m, -w % m
+        generator = None
+        if request.seed is not None and self.latent_mode == "sample":
+            generator = torch.Generator("cpu").manual_seed(int(request.seed))
+        outputs = []
+        for i in range(request.batch):
+            x = request.zoomed[i:i + 1].float().clamp(0, 1) * 2 - 1
+            if pad_h or pad_w:
+                x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+            z = self.encode(x, generator)
+            row = SD3Conditioning(cond.prompt_embeds[i:i + 1], cond.pooled[i:i + 1])
+            z0 = z - self.velocity(z, row)
+            image = self.decode(z0)[..., :h, :w]
+            outputs.append((image.to(request.zoomed.device) + 1) / 2)
+        return torch.cat(outputs).clamp(0, 1)
