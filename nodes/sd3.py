@@ -1,0 +1,96 @@
+"""Loader of CoZ's SR model: SD3 medium + the CoZ LoRA + the CoZ VAE encoder.
+
+It comes back wrapped for the host's model management (host.Hosted): ComfyUI loads its modules
+onto the GPU before each step and offloads them when another model (e.g. the VLM) needs the room.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..coz_core.sr.coz_sd3 import CoZSD3Backbone
+from ..coz_core.sr.sd3_loading import SD3Precision
+from . import host
+from .common import CATEGORY, SR_MODEL
+
+NONE = "none"
+FROM_CHECKPOINT = "(from the SD3 model)"
+
+
+def sd3_sources() -> list[str]:
+    """SD3 medium as diffusers folders (models/diffusers) and single files (models/checkpoints)."""
+    folders = [f"diffusers/{d}" for d in host.list_model_dirs("diffusers", "model_index.json")]
+    files = [f"checkpoints/{f}" for f in host.list_files("checkpoints", (".safetensors",))]
+    return folders + files
+
+
+def resolve_sd3(source: str) -> Path:
+    """"diffusers/<folder>" or "checkpoints/<file>" -> its path."""
+    kind, _, name = source.partition("/")
+    if kind not in ("diffusers", "checkpoints") or not name:
+        raise ValueError(f"{source!r} is neither diffusers/<folder> nor checkpoints/<file>")
+    return host.resolve(kind, name)
+
+
+class LoadCoZSD3:
+    DESCRIPTION = ("Loads CoZ's one-step SR model: Stable Diffusion 3 medium (a diffusers folder or the "
+                   "single-file checkpoint) with the CoZ LoRA and the CoZ VAE encoder merged in. Text "
+                   "encoders come from the SD3 model or separate files; T5 can stay off to save ~10 GB.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (SR_MODEL,)
+    RETURN_NAMES = ("sr_model",)
+    OUTPUT_TOOLTIPS = ("The CoZ SR backbone for CoZ SR Step or CoZ Zoom Chain.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        coz = [NONE] + host.list_files("coz", (".safetensors", ".pkl", ".pt", ".pth"))
+        text = [FROM_CHECKPOINT] + host.list_files("text_encoders", (".safetensors",))
+        return {
+            "required": {
+                "sd3": (sd3_sources(), {"tooltip": "SD3 medium: a folder in models/diffusers or "
+                                                   "sd3_medium.safetensors in models/checkpoints."}),
+                "coz_lora": (coz, {"tooltip": "CoZ's SR LoRA (model_20001.pkl or its .safetensors) in models/coz. "
+                                              "none = plain SD3 (for comparisons only)."}),
+                "coz_vae_encoder": (coz, {"tooltip": "CoZ's VAE encoder (vae_encoder_20001.pt or its "
+                                                     ".safetensors) in models/coz."}),
+                "clip_l": (text, {"tooltip": "CLIP-L text encoder file (models/text_encoders), or the SD3 model's own."}),
+                "clip_g": (text, {"tooltip": "CLIP-G text encoder file (models/text_encoders), or the SD3 model's own."}),
+                "t5": (text, {"tooltip": "T5-XXL text encoder file (models/text_encoders), or the SD3 model's own."}),
+                "use_t5": ("BOOLEAN", {"default": True, "tooltip":
+                                       "Off: no T5 (saves ~10 GB; SD3 gets zeros in its place)."}),
+                "text_encoders": ("BOOLEAN", {"default": True, "tooltip":
+                                              "Off: load no text encoder; give SR Step CONDITIONING from "
+                                              "CLIPTextEncode instead of prompt text."}),
+                "precision": (list(host.PRECISIONS), {"default": "auto", "tooltip":
+                                                      "Transformer weights; auto: bf16/fp16 on GPUs, fp32 on the CPU. "
+                                                      "The VAE stays fp32 as in the reference."}),
+            },
+        }
+
+    def load(self, sd3, coz_lora, coz_vae_encoder, clip_l, clip_g, t5, use_t5, text_encoders, precision):
+        device = host.torch_device()
+        dtype = host.pick_dtype(precision, device)
+        on_cpu = device.type == "cpu"
+        text_dtype = torch.float32 if on_cpu else torch.float16
+        text_parts = (("clip_l", "clip_g", "t5") if use_t5 else ("clip_l", "clip_g")) if text_encoders else ()
+        files = {name: None if value == FROM_CHECKPOINT else host.resolve("text_encoders", value)
+                 for name, value in (("clip_l", clip_l), ("clip_g", clip_g), ("t5", t5))}
+        backbone = CoZSD3Backbone.from_files(
+            resolve_sd3(sd3),
+            None if coz_lora == NONE else host.resolve("coz", coz_lora),
+            None if coz_vae_encoder == NONE else host.resolve("coz", coz_vae_encoder),
+            **files, text_encoders=text_parts,
+            precision=SD3Precision(transformer=dtype, vae=torch.float32, text=text_dtype,
+                                   t5=torch.float32 if on_cpu else torch.bfloat16),
+            device=host.offload_device(),
+        )
+        modules = {"SD3 transformer": backbone.transformer, "SD3 VAE": backbone.vae}
+        if backbone.text_encoder is not None:
+            modules.update({f"SD3 {name}": m for name, m in backbone.text_encoder.models.items() if m is not None})
+        return (host.Hosted(backbone, modules),)
+
+
+NODE_CLASS_MAPPINGS = {"CoZLoadSD3": LoadCoZSD3}
+NODE_DISPLAY_NAME_MAPPINGS = {"CoZLoadSD3": "CoZ Load SR Model (SD3)"}
