@@ -130,6 +130,42 @@ def test_comfy_upscale_model_in_the_loop_body_and_as_backbone(server, base):
             assert im.size == (48, 48)
 
 
+@pytest.fixture(scope="module")
+def tiny_sd3(base, tmp_path_factory):
+    """The tiny SD3 in the real file layouts, placed in the server's models folder."""
+    from tests.sd3_fixtures import shared_tiny_sd3
+    from test_nodes_sd3 import place_tiny_sd3
+
+    place_tiny_sd3(shared_tiny_sd3(tmp_path_factory), base / "models")
+    return "diffusers/sd3-tiny"
+
+
+def test_sd3_model_under_comfy_model_management(server, base, tiny_sd3):
+    """The SD3 loader's modules go through ComfyUI's ModelPatcher / load_models_gpu: the loop with
+    SR Step -> Color Fix in the body and the all-in-one chain, on the same loaded model."""
+    own = "(from the SD3 model)"
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": SAMPLE_NAME}},
+        "2": {"class_type": "CoZLoadSD3", "inputs": {
+            "sd3": tiny_sd3, "coz_lora": "model_20001.pkl", "coz_vae_encoder": "vae_encoder_20001.pt",
+            "clip_l": own, "clip_g": own, "t5": own, "use_t5": True, "text_encoders": True, "precision": "fp32"}},
+        "3": {"class_type": "CoZZoomLoopStart", "inputs": {
+            "image": ["1", 0], "steps": 2, "zoom": 2.0, "width": 32, "height": 32, "center_x": 0.5, "center_y": 0.5}},
+        "4": {"class_type": "CoZSRStep", "inputs": {"sr_model": ["2", 0], "zoomed": ["3", 2], "region": ["3", 3],
+                                                    "prompt": "a photo", "seed": 1}},
+        "5": {"class_type": "CoZColorFix", "inputs": {"image": ["4", 0], "reference": ["3", 2], "method": "adain"}},
+        "6": {"class_type": "CoZZoomLoopEnd", "inputs": {"loop": ["3", 0], "image": ["5", 0]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 1], "filename_prefix": "sd3_loop"}},
+        "8": {"class_type": "CoZZoomChain", "inputs": {
+            "image": ["1", 0], "sr_model": ["2", 0], "mode": "recursive", "steps": 2, "zoom": 2.0, "width": 32,
+            "height": 32, "center_x": 0.5, "center_y": 0.5, "color": "wavelet", "user_prompt": "a photo", "seed": 1}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 1], "filename_prefix": "sd3_chain"}},
+    }
+    entry = server.run(prompt)
+    assert len(entry["outputs"]["7"]["images"]) == 3 and len(entry["outputs"]["9"]["images"]) == 3
+    assert "Requested to load" in server.log.read_text()  # ComfyUI's model management loaded it
+
+
 def chain_prompt(steps: int, size: int) -> dict:
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": SAMPLE_NAME}},
