@@ -130,14 +130,6 @@ def pick_dtype(precision: str = "auto", device: torch.device | None = None) -> t
     return torch.float32
 
 
-def free_memory() -> None:
-    """Return cached accelerator memory (between big steps)."""
-    if IN_COMFY:
-        _mm.soft_empty_cache()
-    elif torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 # --- model management ----------------------------------------------------------------------
 
 class _Holder(torch.nn.Module):
@@ -158,11 +150,6 @@ class ManagedModule:
             # a holder: ModelPatcher sets `.device` on its model, a read-only property of diffusers models
             self.patcher = _patcher.ModelPatcher(_Holder(module), load_device=torch_device(),
                                                  offload_device=offload_device())
-
-    def load(self) -> torch.device:
-        """Put the module on the compute device (offloading others if needed); returns it."""
-        load_all([self])
-        return torch_device()
 
     def __repr__(self) -> str:
         return f"ManagedModule({self.name})"
