@@ -222,6 +222,17 @@ def test_duck_typed_model_and_resize(compact):
     assert next(compact.parameters()).dtype == torch.float32
 
 
+def test_bare_function_with_a_scale():
+    def nearest_x2(image):
+        assert image.dtype == torch.float32
+        return image.repeat_interleave(2, -2).repeat_interleave(2, -1)
+
+    nearest_x2.scale = 2
+    backbone = UpscaleModelBackbone(nearest_x2)
+    region = torch.rand(2, 3, 300, 10)  # taller than a tile: split into two tiles per image
+    assert torch.equal(backbone.upscale(region), nearest_x2(region))
+
+
 def test_errors(compact):
     with pytest.raises(TypeError, match="scale"):
         UpscaleModelBackbone(torch.nn.Identity())

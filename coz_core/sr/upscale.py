@@ -101,9 +101,10 @@ class UpscaleModelBackbone:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "UpscaleModelBackbone":
         """Run on ``device`` (default: where the weights are) in ``dtype`` (default: :func:`auto_dtype`)."""
-        current = _placement(torch_module_of(self.module))[0]
-        self.device = torch.device(device) if device is not None else current
-        self.dtype = dtype or auto_dtype(self.device, self.module)
+        weights = torch_module_of(self.module)
+        self.device = torch.device(device) if device is not None else _placement(weights)[0]
+        # a model whose weights cannot be seen (a bare function) gets float32 images
+        self.dtype = dtype or (auto_dtype(self.device, self.module) if weights is not None else torch.float32)
         if not self.restore:
             self._place(self.device, self.dtype, self.channels_last)
         return self
@@ -120,7 +121,7 @@ class UpscaleModelBackbone:
             out = resize(out, request.size, "bicubic")
         return out.clamp(0, 1)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may modify the result in place
     def upscale(self, image: torch.Tensor) -> torch.Tensor:
         """[B, 3, h, w] float 0..1 -> [B, 3, h*scale, w*scale] float32 on the input's device."""
         original = _placement(torch_module_of(self.module)) if self.restore else None
