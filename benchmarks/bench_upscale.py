@@ -1,7 +1,7 @@
 """Benchmark of the embedded Real-ESRGAN backbone: seconds and peak RSS per dtype/layout.
 
 Each configuration runs in a fresh subprocess (so its peak RSS is its own), on a real photo crop,
-one warm-up call and then the median of ``--repeat`` timed calls.
+one warm-up call and then the best of ``--repeat`` timed calls (robust to a busy machine).
 
     python benchmarks/bench_upscale.py [--threads 2] [--size 128] [--repeat 2] [--models x4plus]
 """
@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -51,7 +50,7 @@ def run_one(model: str, size: int, dtype: str, channels_last: bool, tile: int | 
         start = time.perf_counter()
         out = backbone.upscale(image)
         times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "rss_loaded_mb": rss_loaded,
+    return {"seconds": min(times), "rss_loaded_mb": rss_loaded,
             "peak_rss_mb": _peak_rss_mb(), "out": list(out.shape)}
 
 
