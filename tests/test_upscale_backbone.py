@@ -87,6 +87,7 @@ def test_cache_file_round_trips_and_is_reused(cache_dir):
     assert ensure_converted("x4plus", cache_dir, source_dir=cache_dir / "absent") == path
     assert path.stat().st_mtime_ns == mtime
     assert not list(cache_dir.glob("*.tmp"))
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
