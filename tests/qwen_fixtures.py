@@ -132,3 +132,21 @@ def make_tiny_qwen(folder: Path, seed: int = 0) -> Path:
     )
     model.save_pretrained(folder)
     return folder
+
+
+def reference_pixels(image: torch.Tensor, size: tuple[int, int]):
+    """The CoZ reference's route for one [3, H, W] image: an 8-bit PNG, reopened as RGB and resized
+    with Pillow's default filter (bicubic) to ``size`` = (h, w), as qwen-vl-utils' fetch_image does."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    values = image.clamp(0, 1).permute(1, 2, 0).numpy().astype(np.float64)
+    buffer = io.BytesIO()
+    Image.fromarray(np.floor(values * 255.0 + 0.5).astype(np.uint8)).save(buffer, format="PNG")
+    buffer.seek(0)
+    reopened = Image.open(buffer).convert("RGB")
+    if reopened.size != (size[1], size[0]):
+        reopened = reopened.resize((size[1], size[0]))
+    return np.asarray(reopened)

@@ -1,13 +1,12 @@
 """Image preparation for Qwen2.5-VL: qwen-vl-utils' resize rules on tensors."""
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from qwen_fixtures import reference_pixels
 
 from coz_core.prompt.vision import MAX_PIXELS, MIN_PIXELS, pixel_limits, prepare_images, smart_size
 
@@ -39,19 +38,6 @@ def test_smart_size_rejects_extreme_aspect_and_bad_bounds():
         smart_size(0, 10)
 
 
-def _reference_pixels(image: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """The reference's route: an 8-bit PNG, reopened as RGB, resized with Pillow's default filter."""
-    values = image.clamp(0, 1).permute(1, 2, 0).numpy().astype(np.float64)
-    array = np.floor(values * 255.0 + 0.5).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    buffer.seek(0)
-    reopened = Image.open(buffer).convert("RGB")
-    if reopened.size != (size[1], size[0]):
-        reopened = reopened.resize((size[1], size[0]))  # Pillow's default: bicubic
-    return np.asarray(reopened)
-
-
 def test_prepare_images_gives_the_reference_pixels_for_every_batch_element():
     torch.manual_seed(0)
     images = torch.rand(3, 3, 512, 512)
@@ -59,18 +45,18 @@ def test_prepare_images_gives_the_reference_pixels_for_every_batch_element():
     assert len(out) == 3
     for image, array in zip(images, out):
         assert array.dtype == np.uint8 and array.shape == (504, 504, 3)
-        np.testing.assert_array_equal(array, _reference_pixels(image, (504, 504)))
+        np.testing.assert_array_equal(array, reference_pixels(image, (504, 504)))
     assert not np.array_equal(out[0], out[1])
 
 
 def test_prepare_images_keeps_fitting_sizes_and_handles_odd_ones():
     torch.manual_seed(1)
     fitting = torch.rand(1, 3, 56, 84)
-    np.testing.assert_array_equal(prepare_images(fitting)[0], _reference_pixels(fitting[0], (56, 84)))
+    np.testing.assert_array_equal(prepare_images(fitting)[0], reference_pixels(fitting[0], (56, 84)))
     odd = torch.rand(2, 3, 37, 61)
     out = prepare_images(odd)
     assert [a.shape for a in out] == [(56, 84, 3)] * 2  # 37x61 -> 28x56 is below min_pixels: scaled up
-    np.testing.assert_array_equal(out[1], _reference_pixels(odd[1], (56, 84)))
+    np.testing.assert_array_equal(out[1], reference_pixels(odd[1], (56, 84)))
 
 
 def test_prepare_images_grey_alpha_and_bad_input():
