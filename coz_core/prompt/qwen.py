@@ -273,7 +273,8 @@ class PromptRecord:
 class QwenPromptSource:
     """A PromptSource writing one prompt per batch element with Qwen2.5-VL.
 
-    ``sample``: sample with ``seed`` (step k uses seed + k) instead of greedy decoding.
+    ``sample``: sample instead of decoding greedily; with a ``seed`` step k uses seed + k and is
+    reproducible (``seed=None``: fresh randomness).
     ``clean``: turn the answer into a tag-like prompt within ``token_budget`` CLIP tokens, leaving
     room for ``user_prompt`` (the text the chain appends); ``clean=False`` keeps the reference's raw
     answer (stripped). ``count_tokens``: the SR text encoder's token counter, when available.
@@ -307,10 +308,12 @@ class QwenPromptSource:
         else:
             chats = [([z], SINGLE_SYSTEM) for z in zoomed]
 
+        # a seeded sample draws from its own generator state and leaves the global one as it was
+        seeded = self.sample and self.seed is not None
         devices = [self.vlm.device] if self.vlm.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, enabled=self.sample):
-            if self.sample:
-                torch.manual_seed((self.seed or 0) + request.step)
+        with torch.random.fork_rng(devices=devices, enabled=seeded):
+            if seeded:
+                torch.manual_seed(self.seed + request.step)
             return [self._one(request.step, i, images, system) for i, (images, system) in enumerate(chats)]
 
     def _one(self, step: int, index: int, images: list[np.ndarray], system: str) -> str:
