@@ -124,11 +124,11 @@ def make_tiny_qwen(folder: Path, seed: int = 0) -> Path:
     config = Qwen2_5_VLConfig.from_pretrained(folder)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    # the release's sampling settings (top_k=1: effectively greedy) and repetition penalty
+    # generation_config.json of Qwen2.5-VL-3B-Instruct: sampling at temperature 1e-6 (greedy in
+    # effect) with a repetition penalty
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"], do_sample=True,
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], repetition_penalty=1.05,
-        temperature=0.1, top_p=0.001, top_k=1,
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], repetition_penalty=1.05, temperature=1e-06,
     )
     model.save_pretrained(folder)
     return folder

@@ -90,7 +90,7 @@ def test_inputs_and_answer_match_an_independent_construction(vlm, multiscale):
     assert torch.equal(ours["mm_token_type_ids"].int(), expected["mm_token_type_ids"])
 
     # the answer is what the model generates from the independent inputs (greedy, the folder's
-    # repetition penalty, as the reference's top_k=1 sampling)
+    # repetition penalty: the reference's sampling at temperature 1e-6)
     with torch.inference_mode():
         out = vlm.model.generate(**expected, max_new_tokens=8, do_sample=False, repetition_penalty=1.05)
     answer = vlm.tokenizer.decode(out[0, expected["input_ids"].shape[1]:], skip_special_tokens=True)

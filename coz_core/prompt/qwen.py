@@ -5,7 +5,8 @@ reference's exact text and a user message holding only the image(s): the previou
 zoomed input (multi-scale), or the zoomed input alone. Images pass through qwen-vl-utils' resize
 rules (see ``vision.py``) and the Qwen image processor; the chat template comes from the model
 folder. Generation is greedy with the folder's repetition penalty, which is what the reference's
-sampling settings amount to (the Qwen2.5-VL folders ship ``top_k=1``), capped at 128 new tokens.
+call amounts to (it samples with the folder's generation_config.json, and Qwen2.5-VL-Instruct's
+asks for temperature 1e-6 and repetition_penalty 1.05), capped at 128 new tokens.
 
 The pieces are assembled by hand rather than with ``AutoProcessor``: in transformers 5 the
 Qwen2.5-VL processor cannot be built without torchvision (its video processor needs it), and the
