@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from qwen_fixtures import CHAT_TEMPLATE, PREPROCESSOR, make_tiny_qwen, reference_pixels
+from qwen_fixtures import CHAT_TEMPLATE, PREPROCESSOR, make_tiny_qwen, reference_pixels, tiny_config
 
 from coz_core.prompt.base import PromptRequest, PromptSource, compose_prompt
 from coz_core.prompt.qwen import (
@@ -70,6 +70,20 @@ def test_load_reads_the_folder(folder, vlm):
     assert half.dtype == torch.bfloat16
     assert half.model.config._attn_implementation == "eager"
     assert isinstance(QwenPromptSource(vlm), PromptSource)
+
+
+def test_release_layout_config_loads_the_same_model(folder, vlm, tmp_path):
+    """Qwen's releases keep the text settings at the top of config.json (transformers 4.49 layout);
+    transformers 5 saves them under text_config. Both describe the same model."""
+    flat = _broken(folder, tmp_path)
+    ids = {t: vlm.tokenizer.convert_tokens_to_ids(t) for t in
+           ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+            "<|vision_end|>", "<|vision_pad|>")}
+    (flat / "config.json").write_text(json.dumps(tiny_config(ids, vlm.model.config.text_config.vocab_size)))
+    release = load_qwen_vl(flat)
+    inputs = vlm.inputs([reference_pixels(_images(1, 56, 10)[0], (56, 56))], SINGLE_SYSTEM)
+    with torch.inference_mode():
+        assert torch.equal(release.model(**inputs).logits, vlm.model(**inputs).logits)
 
 
 @pytest.mark.parametrize("multiscale", [True, False])
