@@ -123,6 +123,14 @@ def measure(vlm: QwenVL, device: str, new_tokens: int, size: int, repeats: int) 
             "prompt_len": int(inputs["input_ids"].shape[1])}
 
 
+def print_row(dtype: str, r: dict) -> None:
+    at_128 = r["prep"] + r["first"] + 127 / r["tok_s"]  # the reference's 128 new tokens
+    label = f"{r['scale']:.2f}" + ("*" if r.get("projected") else " ")
+    print(f"{dtype:5} {label:>5} {r['text']:>4} {r['vis']:>4} {r['params'] / 1e9:6.2f}B "
+          f"{r['prompt_len']:>6} {r['prep']:7.3f} {r['first']:9.2f} {r['tok_s']:7.2f} "
+          f"{r['step']:7.2f} {at_128:10.1f} {r['peak']:8.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -169,6 +177,7 @@ def main() -> None:
             r.update(scale=scale, params=params, text=cfg.text_config.num_hidden_layers,
                      vis=cfg.vision_config.depth, peak=peak)
             rows.append(r)
+            print_row(name, r)
             del vlm
             gc.collect()
             if cuda:
@@ -177,19 +186,13 @@ def main() -> None:
             a, b = rows[-2], rows[-1]
             grow = lambda key: b[key] + (1.0 - b["scale"]) * (b[key] - a[key]) / (b["scale"] - a["scale"])  # noqa: E731
             per_token = grow("step") - grow("first") - b["prep"]
-            rows.append({"scale": 1.0, "text": 36, "vis": 32, "params": count_parameters(make_config(1.0, ids)),
-                         "prompt_len": b["prompt_len"], "prep": b["prep"], "first": grow("first"),
-                         "step": grow("step"), "tokens": b["tokens"],
-                         "tok_s": (b["tokens"] - 1) / per_token, "peak": float("nan"), "projected": True})
-        for r in rows:
-            per_token = 1.0 / r["tok_s"]
-            at_128 = r["prep"] + r["first"] + 127 * per_token
-            label = f"{r['scale']:.2f}" + ("*" if r.get("projected") else " ")
-            print(f"{name:5} {label:>5} {r['text']:>4} {r['vis']:>4} {r['params'] / 1e9:6.2f}B "
-                  f"{r['prompt_len']:>6} {r['prep']:7.3f} {r['first']:9.2f} {r['tok_s']:7.2f} "
-                  f"{r['step']:7.2f} {at_128:10.1f} {r['peak']:8.2f}")
+            print_row(name, {"scale": 1.0, "text": 36, "vis": 32, "params": count_parameters(make_config(1.0, ids)),
+                             "prompt_len": b["prompt_len"], "prep": b["prep"], "first": grow("first"),
+                             "step": grow("step"), "tokens": b["tokens"],
+                             "tok_s": (b["tokens"] - 1) / per_token, "peak": float("nan"), "projected": True})
     full = count_parameters(make_config(1.0, ids))
     print("\n* extrapolated from the two rows above it (linear in the number of layers)")
+    print("peak GB: CUDA max allocated; CPU: the process's peak resident memory so far")
     print(f"\nweights of the full model: {full / 1e9:.3f}B parameters = {full * 2 / 2**30:.2f} GiB in "
           f"bf16/fp16 ({full * 4 / 2**30:.2f} GiB in fp32)")
     kv = 2 * 36 * 2 * 128 * 2  # K and V, 36 layers, 2 KV heads of 128, 2 bytes
