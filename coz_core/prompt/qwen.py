@@ -187,7 +187,8 @@ def _check_adapter(adapter: Path) -> None:
             "(save the adapter with peft's save_pretrained)"
         )
     if not (adapter / "adapter_model.safetensors").is_file():
-        found = "adapter_model.bin (a pickle, not loaded for safety)" if (adapter / "adapter_model.bin").is_file() else "no weights"
+        pickled = (adapter / "adapter_model.bin").is_file()
+        found = "adapter_model.bin (a pickle, not loaded for safety)" if pickled else "no weights"
         raise FileNotFoundError(
             f"{adapter} has {found}; expected adapter_model.safetensors (re-save it with "
             "peft's save_pretrained(..., safe_serialization=True))"
@@ -232,6 +233,9 @@ def load_qwen_vl(
     template = _chat_template(folder, tokenizer)
     image_processor = _image_processor_class().from_pretrained(folder, local_files_only=True)
     min_pixels, max_pixels = pixel_limits(folder)
+    adapter_path = None if adapter is None else Path(adapter)
+    if adapter_path is not None:
+        _check_adapter(adapter_path)  # before the (slow) model load
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
@@ -240,12 +244,9 @@ def load_qwen_vl(
         kwargs["attn_implementation"] = attn_implementation
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, **kwargs)
 
-    adapter_path = None
-    if adapter is not None:
+    if adapter_path is not None:
         from peft import PeftModel
 
-        adapter_path = Path(adapter)
-        _check_adapter(adapter_path)
         model = PeftModel.from_pretrained(model, adapter_path, is_trainable=False).merge_and_unload()
 
     model.eval().requires_grad_(False)
