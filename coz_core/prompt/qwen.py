@@ -253,10 +253,15 @@ def load_qwen_vl(
     if device is not None:
         model.to(device)
     generation = model.generation_config
+    repetition_penalty = float(getattr(generation, "repetition_penalty", None) or 1.0)
+    # greedy is the default; the folder's sampling settings would only draw warnings
+    defaults = type(generation)()
+    for key in ("do_sample", "temperature", "top_p", "top_k"):
+        setattr(generation, key, getattr(defaults, key))
     return QwenVL(
         model=model, tokenizer=tokenizer, image_processor=image_processor, chat_template=template,
         folder=folder, min_pixels=min_pixels, max_pixels=max_pixels,
-        repetition_penalty=float(getattr(generation, "repetition_penalty", None) or 1.0),
+        repetition_penalty=repetition_penalty,
         adapter=adapter_path,
     )
 
