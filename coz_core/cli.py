@@ -71,8 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="model precision (auto: bf16 where the device runs it well, else fp32)")
     p.add_argument("--device", default=None, help="torch device (default: first CUDA GPU, else CPU)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling backbones")
+    p.add_argument("--seed", type=int, default=42, help="seed for sampling backbones (default 42, as the reference)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sd3 = p.add_argument_group("CoZ one-step SD3 backbone (replaces --backbone)")
+    sd3.add_argument("--sd3", type=Path, help="SD3 medium: a diffusers folder or sd3_medium*.safetensors")
+    sd3.add_argument("--coz-lora", type=Path, help="CoZ SR LoRA: model_20001.pkl or its .safetensors")
+    sd3.add_argument("--coz-vae", type=Path, help="CoZ VAE encoder: vae_encoder_20001.pt or its .safetensors")
+    sd3.add_argument("--clip-l", type=Path, help="CLIP-L file (single-file SD3 without clips)")
+    sd3.add_argument("--clip-g", type=Path, help="CLIP-G file")
+    sd3.add_argument("--t5", type=Path, help="T5-XXL file (optional)")
+    sd3.add_argument("--no-t5", action="store_true", help="leave T5 out (saves ~10 GB; SD3's zero path)")
+    sd3.add_argument("--tokenizers", type=Path,
+                     help="tokenizer folder for single-file checkpoints (a diffusers SD3 folder)")
+    sd3.add_argument("--latent", choices=["sample", "mean"], default="sample",
+                     help="sample the VAE latent with --seed as the reference does, or take its mean")
     return p
 
 
@@ -94,10 +107,14 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     return found
 
 
-def build_backbone(name: str, device: torch.device, dtype: torch.dtype | None):
+def build_backbone(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None):
+    """The SR backbone the arguments ask for: CoZ SD3 with --sd3, else a Real-ESRGAN model."""
+    if args.sd3 is not None:
+        return build_sd3_backbone(args, device, dtype)
     from .sr.realesrgan import EMBEDDED_MODELS, load_embedded, load_upscale_state_dict
     from .sr.upscale import UpscaleModelBackbone
 
+    name = args.backbone
     if name in EMBEDDED_MODELS:
         return load_embedded(name, device=device, dtype=dtype)
     if Path(name).is_file():
@@ -106,6 +123,26 @@ def build_backbone(name: str, device: torch.device, dtype: torch.dtype | None):
     raise ValueError(
         f"--backbone {name!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) "
         "nor an existing file"
+    )
+
+
+def build_sd3_backbone(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None):
+    from .sr.coz_sd3 import CoZSD3Backbone
+    from .sr.sd3_loading import SD3Precision
+
+    if args.coz_lora is None or args.coz_vae is None:
+        print("coz-zoom: warning: without --coz-lora and --coz-vae this is plain SD3, not CoZ",
+              file=sys.stderr)
+    if dtype is None:  # auto: the reference's text precision on GPUs; bf16 where fp16 is slow
+        precision = SD3Precision() if device.type == "cuda" else SD3Precision(text=torch.bfloat16)
+    else:
+        precision = SD3Precision(transformer=dtype, vae=dtype, text=dtype,
+                                 t5=torch.float32 if dtype == torch.float32 else torch.bfloat16)
+    encoders = ("clip_l", "clip_g") if args.no_t5 else ("clip_l", "clip_g", "t5")
+    return CoZSD3Backbone.from_files(
+        args.sd3, args.coz_lora, args.coz_vae, clip_l=args.clip_l, clip_g=args.clip_g,
+        t5=None if args.no_t5 else args.t5, text_encoders=encoders, tokenizers=args.tokenizers,
+        precision=precision, device=device, latent_mode=args.latent,
     )
 
 
@@ -162,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device) if args.device else default_device()
         backbone = None
         if config.mode in ("recursive_multiscale", "recursive", "onestep"):
-            backbone = build_backbone(args.backbone, device, parse_dtype(args.precision))
+            backbone = build_backbone(args, device, parse_dtype(args.precision))
         config.validate(backbone)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"coz-zoom: {exc}", file=sys.stderr)
         return 2
 

@@ -87,6 +87,7 @@ def test_cache_file_round_trips_and_is_reused(cache_dir):
     assert ensure_converted("x4plus", cache_dir, source_dir=cache_dir / "absent") == path
     assert path.stat().st_mtime_ns == mtime
     assert not list(cache_dir.glob("*.tmp"))
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
@@ -220,6 +221,17 @@ def test_duck_typed_model_and_resize(compact):
     bf16 = UpscaleModelBackbone(Descriptor(compact), dtype=torch.bfloat16, restore=True)
     bf16.upscale(region)
     assert next(compact.parameters()).dtype == torch.float32
+
+
+def test_bare_function_with_a_scale():
+    def nearest_x2(image):
+        assert image.dtype == torch.float32
+        return image.repeat_interleave(2, -2).repeat_interleave(2, -1)
+
+    nearest_x2.scale = 2
+    backbone = UpscaleModelBackbone(nearest_x2)
+    region = torch.rand(2, 3, 300, 10)  # taller than a tile: split into two tiles per image
+    assert torch.equal(backbone.upscale(region), nearest_x2(region))
 
 
 def test_errors(compact):

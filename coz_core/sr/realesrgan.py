@@ -242,6 +242,7 @@ def ensure_converted(name: str = DEFAULT_MODEL, folder: str | Path | None = None
     os.close(handle)
     try:
         save_file(state, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the model is not private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

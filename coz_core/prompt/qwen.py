@@ -1,0 +1,337 @@
+"""Qwen2.5-VL as CoZ's prompt extractor: loading from a local folder, and the prompt source.
+
+What the model sees follows the CoZ reference (``inference_coz.py``): a system message with the
+reference's exact text and a user message holding only the image(s): the previous scale and the
+zoomed input (multi-scale), or the zoomed input alone. Images pass through qwen-vl-utils' resize
+rules (see ``vision.py``) and the Qwen image processor; the chat template comes from the model
+folder. Generation is greedy with the folder's repetition penalty, which is what the reference's
+call amounts to (it samples with the folder's generation_config.json, and Qwen2.5-VL-Instruct's
+asks for temperature 1e-6 and repetition_penalty 1.05), capped at 128 new tokens.
+
+The pieces are assembled by hand rather than with ``AutoProcessor``: in transformers 5 the
+Qwen2.5-VL processor cannot be built without torchvision (its video processor needs it), and the
+PIL image processor is the one the reference's processor used. Images are expanded into their
+``<|image_pad|>`` tokens the way the Qwen processor does; the tests check the result against an
+independent construction.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .base import PromptRequest
+from .clean import CLIP_TOKENS, clean_prompt
+from .vision import pixel_limits, prepare_images
+
+MULTISCALE_SYSTEM = (
+    "The second image is a zoom-in of the first image. Based on this knowledge, what is in the "
+    "second image? Give me a set of words."
+)
+SINGLE_SYSTEM = "What is in this image? Give me a set of words."
+MAX_NEW_TOKENS = 128
+IMAGE_TOKEN = "<|image_pad|>"
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+          "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def messages(system: str, images: int) -> list[dict]:
+    """The reference's chat: the system text, then a user turn with ``images`` images and no text."""
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": [{"type": "image"} for _ in range(images)]},
+    ]
+
+
+@dataclass
+class QwenVL:
+    """A loaded Qwen2.5-VL: the model and the parts of its processor."""
+
+    model: Any  # Qwen2_5_VLForConditionalGeneration (or its PEFT-merged self)
+    tokenizer: Any
+    image_processor: Any
+    chat_template: str
+    folder: Path
+    min_pixels: int
+    max_pixels: int
+    repetition_penalty: float  # from the folder's generation_config.json (1.0 when absent)
+    adapter: Path | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def to(self, device: torch.device | str) -> "QwenVL":
+        self.model.to(device)
+        return self
+
+    def inputs(self, images: list[np.ndarray], system: str) -> dict[str, torch.Tensor]:
+        """Model inputs for one chat: token ids with every image's placeholder expanded, pixels.
+
+        ``images`` are uint8 [h, w, 3] arrays already sized by :func:`vision.prepare_images`.
+        """
+        text = self.tokenizer.apply_chat_template(
+            messages(system, len(images)), chat_template=self.chat_template, tokenize=False,
+            add_generation_prompt=True,
+        )
+        if text.count(IMAGE_TOKEN) != len(images):
+            raise ValueError(
+                f"the chat template of {self.folder} placed {text.count(IMAGE_TOKEN)} image "
+                f"placeholders for {len(images)} images; use the template Qwen2.5-VL ships"
+            )
+        pixels = self.image_processor(images, return_tensors="pt")
+        merge = int(getattr(self.image_processor, "merge_size", 2)) ** 2
+        pieces = text.split(IMAGE_TOKEN)
+        counts = [int(grid.prod()) // merge for grid in pixels["image_grid_thw"]]
+        text = pieces[0] + "".join(IMAGE_TOKEN * n + rest for n, rest in zip(counts, pieces[1:]))
+        encoded = self.tokenizer(text, return_tensors="pt")
+        out = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+               "pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
+        # transformers 5 derives the multimodal rope positions from token types; 4.x from the ids
+        if "mm_token_type_ids" in inspect.signature(self.model.forward).parameters:
+            image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+            out["mm_token_type_ids"] = (encoded["input_ids"] == image_id).to(torch.int32)
+        return out
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        inputs: dict[str, torch.Tensor],
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        sample: bool = False,
+        temperature: float = 0.7,
+        top_p: float = 0.8,
+        top_k: int = 20,
+        repetition_penalty: float | None = None,
+    ) -> tuple[str, int]:
+        """(decoded answer, number of new tokens) for inputs from :meth:`inputs`."""
+        device = self.device
+        batch = {k: v.to(device) for k, v in inputs.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        options: dict[str, Any] = {
+            "max_new_tokens": int(max_new_tokens), "do_sample": bool(sample),
+            "repetition_penalty": self.repetition_penalty if repetition_penalty is None else repetition_penalty,
+        }
+        if sample:
+            options.update(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
+        output = self.model.generate(**batch, **options)
+        new = output[0, batch["input_ids"].shape[1]:]
+        text = self.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return text, int(new.numel())
+
+
+def _require(folder: Path, names: tuple[str, ...], what: str) -> None:
+    if not any((folder / name).is_file() for name in names):
+        raise FileNotFoundError(
+            f"{folder} has no {what} (expected {' or '.join(names)}); copy the complete "
+            "Qwen2.5-VL-Instruct folder (config, tokenizer, preprocessor and chat template files)"
+        )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
+
+
+def _chat_template(folder: Path, tokenizer: Any) -> str:
+    """The folder's chat template: chat_template.jinja, chat_template.json, or the tokenizer's."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if (folder / "chat_template.json").is_file():
+        template = _read_json(folder / "chat_template.json").get("chat_template")
+        if template:
+            return template
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template:
+        return template
+    raise FileNotFoundError(
+        f"{folder} has no chat template (chat_template.json, chat_template.jinja or "
+        "tokenizer_config.json's chat_template); copy it from the Qwen2.5-VL release"
+    )
+
+
+def _image_processor_class() -> type:
+    import transformers
+
+    # transformers 5: the PIL backend; transformers 4: Qwen2VLImageProcessor is the PIL/numpy one
+    return getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
+    if dtype is None or dtype == "auto":
+        return "auto"  # the folder's torch_dtype (bfloat16 for Qwen's releases)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).lower() not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[str(dtype).lower()]
+
+
+def _check_adapter(adapter: Path) -> None:
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{adapter} is not a PEFT adapter folder: adapter_config.json is missing "
+            "(save the adapter with peft's save_pretrained)"
+        )
+    if not (adapter / "adapter_model.safetensors").is_file():
+        pickled = (adapter / "adapter_model.bin").is_file()
+        found = "adapter_model.bin (a pickle, not loaded for safety)" if pickled else "no weights"
+        raise FileNotFoundError(
+            f"{adapter} has {found}; expected adapter_model.safetensors (re-save it with "
+            "peft's save_pretrained(..., safe_serialization=True))"
+        )
+
+
+def load_qwen_vl(
+    folder: str | Path,
+    adapter: str | Path | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    attn_implementation: str | None = None,
+) -> QwenVL:
+    """Load a Qwen2.5-VL model folder (e.g. ``models/LLM/Qwen2.5-VL-3B-Instruct``) offline.
+
+    ``adapter``: a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors), merged
+    into the weights. ``dtype``: torch dtype or "bf16"/"fp16"/"fp32"/"auto" (None: the folder's).
+    ``attn_implementation``: "sdpa", "eager", "flash_attention_2" (None: transformers' choice).
+    ``device``: where the model goes (None: stays on the CPU).
+    """
+    import transformers
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Qwen2.5-VL folder not found: {folder}")
+    _require(folder, ("config.json",), "config.json")
+    config = _read_json(folder / "config.json")
+    if config.get("model_type") != "qwen2_5_vl":
+        raise ValueError(
+            f"{folder} is not a Qwen2.5-VL model: its config.json says model_type "
+            f"{config.get('model_type')!r} (architectures {config.get('architectures')}), expected "
+            "'qwen2_5_vl'; pick a Qwen2.5-VL-*-Instruct folder"
+        )
+    _require(folder, ("model.safetensors", "model.safetensors.index.json"), "safetensors weights")
+    _require(folder, ("tokenizer.json", "vocab.json"), "tokenizer")
+    _require(folder, ("preprocessor_config.json",), "preprocessor_config.json")
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) in (None, tokenizer.unk_token_id):
+        raise ValueError(f"the tokenizer in {folder} has no {IMAGE_TOKEN} token; it is not a Qwen2.5-VL tokenizer")
+    template = _chat_template(folder, tokenizer)
+    image_processor = _image_processor_class().from_pretrained(folder, local_files_only=True)
+    min_pixels, max_pixels = pixel_limits(folder)
+    adapter_path = None if adapter is None else Path(adapter)
+    if adapter_path is not None:
+        _check_adapter(adapter_path)  # before the (slow) model load
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
+    kwargs: dict[str, Any] = {dtype_key: _dtype(dtype), "local_files_only": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, **kwargs)
+
+    if adapter_path is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_path, is_trainable=False).merge_and_unload()
+
+    model.eval().requires_grad_(False)
+    if device is not None:
+        model.to(device)
+    generation = model.generation_config
+    repetition_penalty = float(getattr(generation, "repetition_penalty", None) or 1.0)
+    # greedy is the default; the folder's sampling settings would only draw warnings
+    defaults = type(generation)()
+    for key in ("do_sample", "temperature", "top_p", "top_k"):
+        setattr(generation, key, getattr(defaults, key))
+    return QwenVL(
+        model=model, tokenizer=tokenizer, image_processor=image_processor, chat_template=template,
+        folder=folder, min_pixels=min_pixels, max_pixels=max_pixels,
+        repetition_penalty=repetition_penalty,
+        adapter=adapter_path,
+    )
+
+
+@dataclass
+class PromptRecord:
+    step: int
+    index: int  # batch element
+    raw: str  # the model's answer
+    prompt: str  # after cleaning ("" when nothing usable was left)
+    new_tokens: int
+    seconds: float
+
+
+@dataclass
+class QwenPromptSource:
+    """A PromptSource writing one prompt per batch element with Qwen2.5-VL.
+
+    ``sample``: sample instead of decoding greedily; with a ``seed`` step k uses seed + k and is
+    reproducible (``seed=None``: fresh randomness).
+    ``clean``: turn the answer into a tag-like prompt within ``token_budget`` CLIP tokens, leaving
+    room for ``user_prompt`` (the text the chain appends); ``clean=False`` keeps the reference's raw
+    answer (stripped). ``count_tokens``: the SR text encoder's token counter, when available.
+    """
+
+    vlm: QwenVL
+    max_new_tokens: int = MAX_NEW_TOKENS
+    sample: bool = False
+    seed: int | None = None
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int = 20
+    repetition_penalty: float | None = None  # None: the model folder's
+    clean: bool = True
+    token_budget: int = CLIP_TOKENS
+    user_prompt: str = ""
+    count_tokens: Callable[[str], int] | None = None
+    records: list[PromptRecord] = field(default_factory=list)
+
+    def __call__(self, request: PromptRequest) -> list[str]:
+        if request.previous.shape[0] != request.zoomed.shape[0]:
+            raise ValueError(
+                f"previous scale and zoomed input have different batch sizes "
+                f"({request.previous.shape[0]} and {request.zoomed.shape[0]})"
+            )
+        limits = (self.vlm.min_pixels, self.vlm.max_pixels)
+        zoomed = prepare_images(request.zoomed, *limits)
+        if request.multiscale:
+            previous = prepare_images(request.previous, *limits)
+            chats = [([p, z], MULTISCALE_SYSTEM) for p, z in zip(previous, zoomed)]
+        else:
+            chats = [([z], SINGLE_SYSTEM) for z in zoomed]
+
+        # a seeded sample draws from its own generator state and leaves the global one as it was
+        seeded = self.sample and self.seed is not None
+        devices = [self.vlm.device] if self.vlm.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=seeded):
+            if seeded:
+                torch.manual_seed(self.seed + request.step)
+            return [self._one(request.step, i, images, system) for i, (images, system) in enumerate(chats)]
+
+    def _one(self, step: int, index: int, images: list[np.ndarray], system: str) -> str:
+        start = time.perf_counter()
+        raw, new_tokens = self.vlm.generate(
+            self.vlm.inputs(images, system), self.max_new_tokens, self.sample, self.temperature,
+            self.top_p, self.top_k, self.repetition_penalty,
+        )
+        if self.clean:
+            prompt = clean_prompt(raw, self.token_budget, self.user_prompt, self.count_tokens)
+        else:
+            prompt = raw.strip()
+        self.records.append(PromptRecord(step, index, raw, prompt, new_tokens, time.perf_counter() - start))
+        return prompt

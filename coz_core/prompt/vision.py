@@ -1,0 +1,115 @@
+"""Images for Qwen2.5-VL, prepared the way the CoZ reference's pipeline prepares them.
+
+The reference saves every image as an 8-bit PNG and hands the path to qwen-vl-utils'
+``process_vision_info``, whose ``fetch_image`` opens it as RGB and resizes it (Pillow's default
+filter, bicubic) to the size its ``smart_resize`` picks: both sides multiples of 28 (patch 14 x
+merge 2), the pixel count within [min_pixels, max_pixels], the aspect ratio kept as closely as
+possible. The Qwen processor then normalises and patchifies. Here the same happens on tensors in
+memory: quantise to 8 bits, resize with Pillow to the same size; no files.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..imageops import ensure_rgb
+
+FACTOR = 28  # patch_size 14 x spatial merge 2
+MIN_PIXELS = 4 * FACTOR * FACTOR  # qwen-vl-utils: 4 image tokens
+MAX_PIXELS = 16384 * FACTOR * FACTOR  # qwen-vl-utils: 16384 image tokens
+MAX_RATIO = 200
+
+
+def smart_size(
+    height: int, width: int, factor: int = FACTOR, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> tuple[int, int]:
+    """The (height, width) qwen-vl-utils' ``smart_resize`` gives an image of ``height`` x ``width``.
+
+    Both results are multiples of ``factor``; when rounding each side to the nearest multiple
+    lands outside the pixel bounds, both sides are scaled by one factor and floored (too many
+    pixels) or ceiled (too few). Python's ``round`` (half to even) as in qwen-vl-utils.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if max_pixels < min_pixels:
+        raise ValueError(f"max_pixels ({max_pixels}) must not be below min_pixels ({min_pixels})")
+    if max(height, width) / min(height, width) > MAX_RATIO:
+        raise ValueError(
+            f"a {width}x{height} image is too elongated for Qwen2.5-VL (aspect ratio above {MAX_RATIO}); "
+            "crop it closer to a square"
+        )
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def pixel_limits(folder: str | Path) -> tuple[int, int]:
+    """(min_pixels, max_pixels) from a model folder's ``preprocessor_config.json``.
+
+    Qwen publishes ``min_pixels``/``max_pixels`` (newer folders may hold ``size`` with
+    ``shortest_edge``/``longest_edge``, the same numbers). Missing values fall back to
+    qwen-vl-utils' defaults, which equal those Qwen publishes for Qwen2.5-VL.
+    """
+    path = Path(folder) / "preprocessor_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path} is missing: a Qwen2.5-VL folder needs its preprocessor_config.json "
+            "(copy it from the model's original release)"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
+    size = config.get("size") or {}
+    low = config.get("min_pixels", size.get("shortest_edge", MIN_PIXELS))
+    high = config.get("max_pixels", size.get("longest_edge", MAX_PIXELS))
+    return int(low), int(high)
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """One [3, H, W] float 0..1 image as a [H, W, 3] uint8 array: ``floor(x * 255 + 0.5)`` in float64
+    (round half up, as :func:`coz_core.imageops.save_image`; the reference truncates its SR output
+    when it saves it, a difference of at most one level)."""
+    array = image.detach().double().clamp(0, 1).mul(255.0).add(0.5).floor().to(torch.uint8)
+    return array.permute(1, 2, 0).cpu().numpy()
+
+
+def prepare_images(
+    images: torch.Tensor, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> list[np.ndarray]:
+    """Each image of ``images`` [B, C, H, W] (float 0..1) as the uint8 [h, w, 3] array the VLM sees.
+
+    Grey is expanded and alpha dropped first; every image is resized with Pillow's bicubic to
+    :func:`smart_size` (no resize when it already fits, as Pillow does).
+    """
+    from PIL import Image
+
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"expected images [B, C, H, W], got {shape}")
+    if images.shape[0] == 0 or images.shape[-1] == 0 or images.shape[-2] == 0:
+        raise ValueError(f"expected non-empty images [B, C, H, W], got shape {tuple(images.shape)}")
+    images = ensure_rgb(images)
+    if not torch.isfinite(images).all():
+        raise ValueError("the image contains NaN or infinite values")
+    height, width = int(images.shape[-2]), int(images.shape[-1])
+    target_h, target_w = smart_size(height, width, FACTOR, min_pixels, max_pixels)
+    out = []
+    for image in images:
+        array = to_uint8(image)
+        if (target_h, target_w) != (height, width):
+            array = np.asarray(Image.fromarray(array).resize((target_w, target_h), Image.BICUBIC))
+        out.append(array)
+    return out
