@@ -197,15 +197,30 @@ def test_cancel_stops_mid_chain(server, what):
     assert elapsed < 30
 
 
-# small settings for the runs here (CPU): process size, steps, model choices
+# the runs here (CPU, tiny models): smaller sizes, fewer steps, the tiny models' names
+TINY_SD3 = {"sd3": "diffusers/sd3-tiny", "clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors",
+            "t5": "t5xxl_fp16.safetensors", "precision": "fp32"}
+TINY_VLM = {"model": "qwen-tiny", "precision": "fp32", "max_new_tokens": 8}
 RUN_SETTINGS = {
     "01_offline_zoom_realesrgan": {"3": {"width": 64, "height": 64, "steps": 2}},
+    "02_coz_loop": {"2": TINY_SD3, "3": TINY_VLM, "4": {"width": 64, "height": 64, "steps": 2}},
+    "03_coz_all_in_one": {"2": TINY_SD3, "3": TINY_VLM, "4": {"width": 64, "height": 64, "steps": 2}},
 }
 
 
+@pytest.fixture(scope="module")
+def tiny_vlm(base):
+    """A tiny Qwen2.5-VL folder in the server's models/LLM."""
+    from tests.qwen_fixtures import make_tiny_qwen
+
+    make_tiny_qwen(base / "models" / "LLM" / "qwen-tiny")
+    return "qwen-tiny"
+
+
 @pytest.mark.parametrize("name", sorted(RUN_SETTINGS))
-def test_shipped_workflow_runs(server, base, name):
-    """The API-format copy of a shipped workflow, as it is but smaller, through the HTTP API."""
+def test_shipped_workflow_runs(server, base, tiny_sd3, tiny_vlm, name):
+    """The API-format copy of a shipped workflow, as it is but smaller and with the tiny models,
+    through the HTTP API (workflow 1 with the real embedded Real-ESRGAN)."""
     prompt = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
     for node, inputs in RUN_SETTINGS[name].items():
         prompt[node]["inputs"].update(inputs)
@@ -219,6 +234,8 @@ def test_shipped_workflow_runs(server, base, name):
         for f in files:
             with Image.open(base / "output" / f["subfolder"] / f["filename"]) as im:
                 assert im.size == (64, 64)
+    for node in (n for n, v in prompt.items() if v["class_type"] == "PreviewAny"):  # the prompts
+        assert len(entry["outputs"][node]["text"][0].split("\n")) == steps
 
 
 def ui_workflows() -> list[Path]:
