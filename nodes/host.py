@@ -191,6 +191,16 @@ class Hosted:
         return f"Hosted({self.inner!r})"
 
 
+def host_tokenizers() -> dict[str, Path]:
+    """Tokenizer folders the host ships, for SD3 single files that carry none (ComfyUI: its CLIP
+    and T5 tokenizers; SD3's CLIP-G uses the CLIP vocabulary); {} without ComfyUI."""
+    if not IN_COMFY:
+        return {}
+    root = Path(_cutils.__file__).parent
+    return {"clip_l": root / "sd1_tokenizer", "clip_g": root / "sd1_tokenizer",
+            "t5": root / "text_encoders" / "t5_tokenizer"}
+
+
 # --- model folders -------------------------------------------------------------------------
 
 def models_root() -> Path:

@@ -77,11 +77,14 @@ class LoadCoZSD3:
         text_parts = (("clip_l", "clip_g", "t5") if use_t5 else ("clip_l", "clip_g")) if text_encoders else ()
         files = {name: None if value == FROM_CHECKPOINT else host.resolve("text_encoders", value)
                  for name, value in (("clip_l", clip_l), ("clip_g", clip_g), ("t5", t5))}
+        source = resolve_sd3(sd3)
         backbone = CoZSD3Backbone.from_files(
-            resolve_sd3(sd3),
+            source,
             None if coz_lora == NONE else host.resolve("coz", coz_lora),
             None if coz_vae_encoder == NONE else host.resolve("coz", coz_vae_encoder),
             **files, text_encoders=text_parts,
+            # a single file has no tokenizers: the host's (a diffusers folder brings its own)
+            tokenizers=None if source.is_dir() else host.host_tokenizers() or None,
             precision=SD3Precision(transformer=dtype, vae=torch.float32, text=text_dtype,
                                    t5=torch.float32 if on_cpu else torch.bfloat16),
             device=host.offload_device(),

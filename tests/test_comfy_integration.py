@@ -68,6 +68,42 @@ def test_every_node_is_registered_with_its_types(server):
                 assert served[1]["tooltip"] == opts[0]["tooltip"]
 
 
+HOST_PROBE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import comfy.options
+from comfy.cli_args import args
+args.cpu = True  # as the server runs here
+import comfy.model_management as mm, folder_paths, torch
+from node_fixtures import load_pack
+load_pack()
+from coz_pack.nodes import host
+assert host.IN_COMFY
+assert {"coz", "LLM"} <= set(folder_paths.folder_names_and_paths)
+assert host.torch_device() == mm.get_torch_device() and host.pick_dtype("auto") == torch.float32  # --cpu
+from transformers import AutoTokenizer, CLIPTokenizer
+tok = host.host_tokenizers()
+assert CLIPTokenizer.from_pretrained(str(tok["clip_g"]))("a cat").input_ids[0] == 49406
+assert AutoTokenizer.from_pretrained(str(tok["t5"]))("a cat").input_ids[-1] == 1
+bar = host.Progress(3)
+bar.update(1, preview=torch.rand(1, 8, 8, 3))
+mm.interrupt_current_processing(True)
+try:
+    bar.update(2)
+    raise SystemExit("no interrupt")
+except mm.InterruptProcessingException:
+    print("host ok")
+"""
+
+
+def test_host_adapter_inside_comfy():
+    """nodes/host.py with ComfyUI importable: its device, dtype, folders, tokenizers, and the
+    progress bar raising ComfyUI's interrupt."""
+    out = subprocess.run([COMFYUI_PYTHON, "-c", HOST_PROBE, str(Path(__file__).parent)], cwd=COMFYUI_PATH,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "host ok" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+
+
 @pytest.mark.parametrize("cache", ["default", "lru"])
 def test_loop_under_each_cache_and_its_memory_per_iteration(base, cache):
     """The loop runs and repeats its body under ComfyUI's default and LRU caches; the server's
