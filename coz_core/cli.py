@@ -86,7 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tokenizer folder for single-file checkpoints (a diffusers SD3 folder)")
     sd3.add_argument("--latent", choices=["sample", "mean"], default="sample",
                      help="sample the VAE latent with --seed as the reference does, or take its mean")
+
+    vlm = p.add_argument_group("VLM prompts (Qwen2.5-VL)")
+    vlm.add_argument("--vlm", type=Path, help="a Qwen2.5-VL-Instruct folder: writes each step's prompt")
+    vlm.add_argument("--vlm-adapter", type=Path, help="a PEFT LoRA folder for the VLM (optional)")
+    vlm.add_argument("--vlm-tokens", type=int, default=128, help="max new tokens per prompt (default 128)")
+    vlm.add_argument("--step-prompts", default=None,
+                     help="without --vlm: prompts per step separated by '|' (the last repeats)")
     return p
+
+
+def build_prompt_source(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None):
+    """Qwen2.5-VL with --vlm, else fixed per-step texts (possibly none)."""
+    if args.vlm is None:
+        return FixedPrompts(args.step_prompts.split("|") if args.step_prompts else "")
+    from .prompt.qwen import QwenPromptSource, load_qwen_vl
+
+    vlm = load_qwen_vl(args.vlm, adapter=args.vlm_adapter, dtype=dtype, device=device)
+    return QwenPromptSource(vlm, max_new_tokens=args.vlm_tokens, user_prompt=args.prompt)
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
@@ -201,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if config.mode in ("recursive_multiscale", "recursive", "onestep"):
             backbone = build_backbone(args, device, parse_dtype(args.precision))
         config.validate(backbone)
+        prompts = build_prompt_source(args, device, parse_dtype(args.precision))
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"coz-zoom: {exc}", file=sys.stderr)
         return 2
@@ -217,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         bar = tqdm(total=config.steps + 1, desc=path.name, unit="scale", disable=args.quiet)
         t0 = time.perf_counter()
-        result = run_chain(image, backbone, config, FixedPrompts(""), on_step=lambda s: bar.update(1))
+        result = run_chain(image, backbone, config, prompts, on_step=lambda s: bar.update(1))
         bar.close()
         name = backbone.name if backbone is not None else config.mode
         out = args.output / path.stem

@@ -289,7 +289,7 @@ def run_chain(
         else:
             t = time.perf_counter()
             request = PromptRequest(steps[-1].image, zoomed, k, multiscale=config.mode == "recursive_multiscale")
-            generated = source(request) if backbone.uses_prompt else [""] * image.shape[0]
+            generated = source(request)  # also for prompt-free backbones: the chain records it
             prompts = [compose_prompt(g, config.user_prompt) for g in generated]
             seconds["prompt"] = time.perf_counter() - t
             t = time.perf_counter()

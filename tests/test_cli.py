@@ -70,3 +70,25 @@ def test_cli_runs_coz_sd3_from_a_diffusers_folder(tmp_path, tmp_path_factory):
     b = np.asarray(Image.open(tmp_path / "b" / "sample" / "scale_2.png"))
     assert np.array_equal(a, b)
     assert main(args[:2] + ["--size", "40", "-o", str(tmp_path / "c")]) == 2  # not a multiple of 16
+
+
+def test_cli_with_a_vlm_folder(tmp_path, tmp_path_factory):
+    """Prompts written by a (tiny) Qwen2.5-VL folder reach the manifest and prompts.txt."""
+    from tests.qwen_fixtures import make_tiny_qwen
+
+    folder = make_tiny_qwen(tmp_path_factory.mktemp("Qwen2.5-VL-tiny"))
+    args = ["--vlm", str(folder), "--vlm-tokens", "6", "--size", "56", "--zoom", "2", "--steps", "2",
+            "--precision", "fp32", "--prompt", "sharp", "--quiet", "-o", str(tmp_path)]
+    assert main(args) == 0
+    manifest = json.loads((tmp_path / "sample" / "manifest.json").read_text())
+    prompts = [s["prompts"][0] for s in manifest["steps"][1:]]
+    assert len(prompts) == 2 and all(p.endswith("sharp") or p.endswith("sharp,") for p in prompts)
+    assert (tmp_path / "sample" / "prompts.txt").read_text().count("sharp") == 2
+    assert main(["--vlm", str(tmp_path / "nowhere"), "-o", str(tmp_path / "x")]) == 2
+
+
+def test_step_prompts_without_a_model(tmp_path):
+    assert main(["--mode", "onestep", "--size", "64", "--steps", "3", "--step-prompts", "a|b",
+                 "--quiet", "-o", str(tmp_path)]) == 0
+    manifest = json.loads((tmp_path / "sample" / "manifest.json").read_text())
+    assert [s["prompts"] for s in manifest["steps"][1:]] == [["a"], ["b"], ["b"]]

@@ -192,6 +192,15 @@ def test_chain_runs_with_the_tiny_vlm_as_prompt_source(vlm, mode):
     assert json.dumps(result.record())  # the chain records every prompt
 
 
+def test_chain_with_the_tiny_vlm_and_the_default_backbone(vlm, default_backbone):
+    source = QwenPromptSource(vlm, max_new_tokens=6)
+    config = ChainConfig(steps=2, zoom=2.0, size=(56, 56))
+    result = run_chain(_images(1, 80, 7), default_backbone, config, source)
+    assert result.final.shape == (1, 3, 56, 56) and not result.cancelled
+    assert [(r.step, r.index) for r in source.records] == [(1, 0), (2, 0)]
+    assert result.prompts == [[source.records[0].prompt], [source.records[1].prompt]]
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 def _broken(folder, tmp_path, drop=(), config=None):
