@@ -84,14 +84,15 @@ class ZoomLoopStart:
             state = ZoomLoopState(unique_id, int(steps), size, 1, target, (image_out(first),), (), masks)
         previous = state.scales[-1]
         box = zoom_box(size, zoom, state.target)
-        region, zoomed = zoom_in(image_in(previous), box)
+        _, zoomed = zoom_in(image_in(previous), box)
+        region = previous[:, box[1]:box[3], box[0]:box[2]]  # a view of the kept scale: no new memory
         if state.masks is None:
             mask_region = torch.zeros(1, 1, 1).expand(1, box[3] - box[1], box[2] - box[0])  # no memory
         else:
             mask_region = crop(state.masks[-1], box).clone()
         handed = ZoomLoopState(unique_id, state.steps, size, state.step, center_in_crop(state.target, box, size),
                                state.scales, state.prompts, state.masks)
-        return handed, previous, image_out(zoomed), image_out(region), state.step, mask_region
+        return handed, previous, image_out(zoomed), region, state.step, mask_region
 
 
 class ZoomLoopEnd:

@@ -128,9 +128,9 @@ def test_loop_under_each_cache_and_its_memory_per_iteration(base, cache):
         ratio = per_iteration / image_bytes
         print(f"\n[{cache}] RSS per loop iteration: {per_iteration / 2**20:.1f} MiB = {ratio:.2f} scales "
               f"of {size}x{size}")
-        # the executor's cache holds 3.25 scales per iteration here (kept scale, Image Sharpen's
-        # input = zoomed, region = 1/4, the scale's slice of the output batch); the rest is the
-        # allocator's and the server's own bookkeeping
+        # the executor's cache holds 3 scales per iteration here (the kept scale, Image Sharpen's
+        # input = the zoomed input, the scale's slice of the output batch; the region is a view);
+        # the rest is the allocator's and the server's own bookkeeping
         assert 2.5 < ratio < 6
         # the repeated prompt is served from the cache: nothing runs again
         t = time.time()
@@ -144,6 +144,7 @@ def test_comfy_upscale_model_in_the_loop_body_and_as_backbone(server, base):
     """ComfyUI's own Load Upscale Model (spandrel) on the pack's converted Real-ESRGAN file: as the
     loop body (Upscale Image (using Model) on the native crop) and through the adapter node in the
     all-in-one chain; both give every scale at the process size."""
+    load_pack()
     from coz_pack.coz_core.sr.realesrgan import ensure_converted
 
     name = ensure_converted("animevideov3", base / "models" / "upscale_models").name
