@@ -1,0 +1,315 @@
+"""Bilateral kernels on an LR grid, guided by an HR image: fitted (Upsample Anything) or fixed
+(classic joint bilateral upsampling), then applied to any signal on that grid.
+
+    kernels = fit_kernels(guide, lr_size=(h, w))          # test-time fit, ~50 Adam steps
+    depth_hr = kernels.apply(depth_lr)                    # reuse for every signal on the grid
+    mask_hr = kernels.apply(mask_lr, kind="mask")
+    feats_hr = guided_upsample(feats_lr, guide)           # one call: fit + apply
+
+The fit follows the paper: the guide is downsampled to the LR grid (bicubic), upsampled back
+with the kernels, and the L1 error to the guide is minimised with Adam (lr 0.1, the reference's
+exponential decay) over log sigma_x, log sigma_y, theta (through pi * tanh) and log sigma_r,
+initialised at 16, 16, 0 and 0.12. The range term compares each HR guide pixel with the LR
+guide (bilinear) at the neighbour's cell.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .grid import Grid
+from .kernel import (
+    Shift, accumulate_grad, band_shifts, coefficients, range_term, weighted_sum, weights, window,
+)
+
+KINDS = ("features", "latent", "depth", "mask", "probabilities")
+_MEMORY = 256 * 2**20  # bytes of weights held at once (one band of rows)
+_RANGE_CACHE = 1024 * 2**20  # bytes of range terms kept across fitting steps
+
+
+@dataclass
+class BilateralKernels:
+    """Per-cell kernel maps on an LR grid (each [B, h, w]; sigmas in HR pixels, theta in
+    radians) and the guide they belong to. ``apply`` upsamples any signal on that grid."""
+
+    sigma_x: torch.Tensor
+    sigma_y: torch.Tensor
+    theta: torch.Tensor
+    sigma_r: torch.Tensor
+    guide: torch.Tensor  # [B, Cg, H, W] float32
+    guide_lr: torch.Tensor  # [B, Cg, h, w] float32, the range term's reference colours
+    truncate: float = 3.0
+    radius_max: int = 8
+    losses: list[float] = field(default_factory=list)  # fitting loss per step (empty if fixed)
+
+    @property
+    def lr_size(self) -> tuple[int, int]:
+        return tuple(self.sigma_x.shape[-2:])
+
+    @property
+    def hr_size(self) -> tuple[int, int]:
+        return tuple(self.guide.shape[-2:])
+
+    @property
+    def grid(self) -> Grid:
+        return Grid.build(self.hr_size, self.lr_size)
+
+    def coefficients(self) -> torch.Tensor:
+        return coefficients(self.sigma_x, self.sigma_y, self.theta, self.sigma_r)
+
+    def offsets(self) -> list[tuple[int, int]]:
+        reach = self.truncate * float(torch.maximum(self.sigma_x, self.sigma_y).max())
+        return window(self.grid, reach, self.radius_max)
+
+    def apply(self, signal: torch.Tensor, kind: str = "features", out_dtype: torch.dtype | None = None,
+              channel_chunk: int = 64) -> torch.Tensor:
+        """Upsample ``signal`` [B, C, h, w] (B equal to the kernels' batch, or either of them 1)
+        to [B, C, H, W].
+
+        ``kind``: "features", "latent", "depth" keep their values and scale (each output is a
+        convex combination of input values); "mask" needs values in 0..1 and stays there;
+        "probabilities" needs channels summing to 1 and stays normalised.
+        ``out_dtype`` defaults to the signal's floating dtype. Channels are processed
+        ``channel_chunk`` at a time; on CUDA they accumulate in float16 (mixed precision).
+        """
+        signal = _check_signal(signal, kind, self)
+        b = max(signal.shape[0], self.guide.shape[0])
+        out_dtype = out_dtype or (signal.dtype if signal.is_floating_point() else torch.float32)
+        fold = self.guide.shape[0] == 1 and signal.shape[0] > 1  # one guide, many signals
+        if fold:
+            signal = signal.reshape(1, -1, *signal.shape[-2:])
+        elif signal.shape[0] == 1 and b > 1:
+            signal = signal.expand(b, -1, -1, -1)
+        device = self.guide.device
+        acc_dtype = torch.float16 if device.type == "cuda" and _fits_half(signal) else torch.float32
+        signal = signal.to(device)
+        out = _upsample(self, signal, out_dtype, acc_dtype, channel_chunk)
+        if fold:
+            out = out.reshape(b, -1, *out.shape[-2:])
+        return _finish(out, kind)
+
+    def to(self, device: torch.device | str) -> "BilateralKernels":
+        move = {k: getattr(self, k).to(device) for k in ("sigma_x", "sigma_y", "theta", "sigma_r",
+                                                            "guide", "guide_lr")}
+        return BilateralKernels(**move, truncate=self.truncate, radius_max=self.radius_max,
+                                losses=list(self.losses))
+
+
+def fit_kernels(guide_hr: torch.Tensor, lr_size: tuple[int, int] | None = None,
+                scale: float | tuple[float, float] | None = None, steps: int = 50, lr: float = 0.1,
+                init_sigma: float = 16.0, init_sigma_r: float = 0.12, truncate: float = 3.0,
+                radius_max: int = 8, tol: float = 1e-3, patience: int = 5, sigma_cap: float | None = None) -> BilateralKernels:
+    """Fit per-cell kernels to ``guide_hr`` [B, Cg, H, W] on the LR grid ``lr_size`` (h, w), or
+    on (round(H / scale), round(W / scale)).
+
+    Up to ``steps`` Adam steps; stops early once the loss has improved by less than ``tol``
+    (relative) over the last ``patience`` steps. Guides of any channel count and value range
+    work; sigma_r is in guide units (0.12 suits 0..1 images).
+    """
+    guide = _check_guide(guide_hr)
+    size = _lr_size(guide, lr_size, scale)
+    grid = Grid.build(guide.shape[-2:], size)
+    target_lr = F.interpolate(guide, size=size, mode="bicubic", align_corners=False)
+    guide_lr = _range_guide(guide, size)
+    b = guide.shape[0]
+    raw = torch.stack([
+        torch.full((b, *size), math.log(init_sigma)),
+        torch.full((b, *size), math.log(init_sigma)),
+        torch.zeros(b, *size),
+        torch.full((b, *size), math.log(init_sigma_r)),
+    ], 1).to(guide.device).requires_grad_(True)
+    opt = torch.optim.Adam([raw], lr=lr)
+    decay = (1e-9 / 1e-1) ** (1.0 / 5100)  # the reference's schedule: 0.1 -> 1e-9 over 5100 steps
+
+    reach0 = truncate * (sigma_cap or 1e9)
+    offsets = window(grid, reach0, radius_max)
+    bands = _bands(grid, len(offsets), b)
+    cache = b * len(offsets) * guide.shape[-2] * guide.shape[-1] * 4 <= _RANGE_CACHE
+    prepared = [_prepare_band(grid, guide, guide_lr, offsets, rows, cache) for rows in bands]
+    count = b * guide.shape[1] * guide.shape[-2] * guide.shape[-1]
+    losses: list[float] = []
+    for step in range(steps):
+        sx, sy, theta, sr = _maps(raw)
+        coef = coefficients(sx, sy, theta, sr)
+        reach = truncate * float(torch.maximum(sx, sy).detach().max())
+        active = set(window(grid, reach, radius_max))
+        grad = torch.zeros_like(coef)
+        total = 0.0
+        with torch.no_grad():
+            for rows, (cells, mask, shifts) in zip(bands, prepared):
+                shifts = [s for s in shifts if (s.dy, s.dx) in active]
+                c = coef.detach()
+                ws, tot = weights(c, cells, guide_lr, shifts)
+                out = weighted_sum(ws, shifts, target_lr, torch.zeros_like(cells)).div_(tot[:, None])
+                diff = (out - cells).mul_(mask)
+                total += float(diff.abs().sum())
+                grad_out = diff.sign_().mul_(mask).div_(count)
+                accumulate_grad(ws, tot, shifts, target_lr, out, grad_out, cells, guide_lr, grad)
+        losses.append(total / count)
+        opt.zero_grad(set_to_none=True)
+        coef.backward(grad)
+        opt.step()
+        if sigma_cap is not None:
+            with torch.no_grad():
+                raw[:, :2].clamp_(max=math.log(sigma_cap))
+        for group in opt.param_groups:
+            group["lr"] *= decay
+        if len(losses) > patience and losses[-1] > losses[-1 - patience] * (1.0 - tol):
+            break
+    sx, sy, theta, sr = (m.detach() for m in _maps(raw))
+    return BilateralKernels(sx, sy, theta, sr, guide, guide_lr, truncate, radius_max, losses)
+
+
+def fixed_kernels(guide_hr: torch.Tensor, lr_size: tuple[int, int] | None = None,
+                  scale: float | tuple[float, float] | None = None, sigma_spatial: float | None = None,
+                  sigma_range: float = 0.1, truncate: float = 3.0, radius_max: int = 8) -> BilateralKernels:
+    """Classic joint bilateral upsampling: the same isotropic kernel in every cell, no fitting.
+    ``sigma_spatial`` is in HR pixels (default: one LR cell, the larger of the two scales);
+    ``sigma_range`` in guide units."""
+    guide = _check_guide(guide_hr)
+    size = _lr_size(guide, lr_size, scale)
+    if sigma_spatial is None:
+        sigma_spatial = max(guide.shape[-2] / size[0], guide.shape[-1] / size[1])
+    if not sigma_spatial > 0 or not sigma_range > 0:
+        raise ValueError(f"sigmas must be positive, got spatial {sigma_spatial}, range {sigma_range}")
+    full = lambda v: torch.full((guide.shape[0], *size), float(v), device=guide.device)  # noqa: E731
+    return BilateralKernels(full(sigma_spatial), full(sigma_spatial), full(0.0), full(sigma_range),
+                            guide, _range_guide(guide, size), truncate, radius_max)
+
+
+def guided_upsample(signal_lr: torch.Tensor, guide_hr: torch.Tensor, mode: str = "learned",
+                    kind: str = "features", **options) -> torch.Tensor:
+    """Upsample ``signal_lr`` [B, C, h, w] to the size of ``guide_hr`` [B, Cg, H, W] along the
+    guide's edges. ``mode``: "learned" (``fit_kernels``) or "fixed" (``fixed_kernels``);
+    ``options`` go to that function."""
+    if mode not in ("learned", "fixed"):
+        raise ValueError(f"unknown mode {mode!r}; choose 'learned' or 'fixed'")
+    if signal_lr.ndim != 4:
+        raise ValueError(f"expected a signal [B, C, h, w], got shape {tuple(signal_lr.shape)}")
+    make = fit_kernels if mode == "learned" else fixed_kernels
+    return make(guide_hr, lr_size=tuple(signal_lr.shape[-2:]), **options).apply(signal_lr, kind=kind)
+
+
+# --- internals -------------------------------------------------------------------------------
+
+def _maps(raw: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return raw[:, 0].exp(), raw[:, 1].exp(), math.pi * torch.tanh(raw[:, 2]), raw[:, 3].exp()
+
+
+def _range_guide(guide: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(guide, size=size, mode="bilinear", align_corners=False)
+
+
+def _bands(grid: Grid, n_offsets: int, batch: int) -> list[tuple[int, int]]:
+    """Split the LR rows so one band's weights stay within the memory budget."""
+    row_bytes = batch * n_offsets * grid.y.width * grid.x.lr * grid.x.width * 4
+    per_band = max(1, _MEMORY // max(row_bytes, 1))
+    return [(lo, min(lo + per_band, grid.y.lr)) for lo in range(0, grid.y.lr, per_band)]
+
+
+def _prepare_band(grid: Grid, guide: torch.Tensor, guide_lr: torch.Tensor,
+                  offsets: list[tuple[int, int]], rows: tuple[int, int], cache: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[Shift]]:
+    cells = grid.to_cells(guide, rows)
+    mask = grid.valid_cells(rows, guide.device).to(guide.dtype)
+    shifts = band_shifts(grid, offsets, rows, guide.device)
+    if cache:
+        for s in shifts:
+            s.rng = range_term(cells, guide_lr, s)
+    return cells, mask, shifts
+
+
+def _upsample(k: BilateralKernels, signal: torch.Tensor, out_dtype: torch.dtype,
+              acc_dtype: torch.dtype, channel_chunk: int) -> torch.Tensor:
+    grid, coef = k.grid, k.coefficients()
+    offsets = k.offsets()
+    b, c = signal.shape[:2]
+    out = torch.empty(b, c, *k.hr_size, dtype=out_dtype, device=signal.device)
+    guide = k.guide.expand(b, -1, -1, -1) if k.guide.shape[0] < b else k.guide
+    guide_lr = k.guide_lr.expand(b, -1, -1, -1) if k.guide_lr.shape[0] < b else k.guide_lr
+    coef = coef.expand(b, -1, -1, -1) if coef.shape[0] < b else coef
+    with torch.no_grad():
+        for rows in _bands(grid, len(offsets), b):
+            cells = grid.to_cells(guide, rows)
+            shifts = band_shifts(grid, offsets, rows, signal.device)
+            ws, tot = weights(coef, cells, guide_lr, shifts)
+            ws = [w.to(acc_dtype) for w in ws]
+            tot = tot[:, None].to(acc_dtype)
+            y0, y1 = int(grid.y.start[rows[0]]), int(grid.y.start[rows[1]])
+            for c0 in range(0, c, channel_chunk):
+                part = signal[:, c0:c0 + channel_chunk].to(acc_dtype)
+                acc = torch.zeros(b, part.shape[1], *cells.shape[2:], dtype=acc_dtype, device=signal.device)
+                weighted_sum(ws, shifts, part, acc).div_(tot)
+                out[:, c0:c0 + channel_chunk, y0:y1] = grid.from_cells(acc, rows).to(out_dtype)
+    return out
+
+
+def _fits_half(signal: torch.Tensor) -> bool:
+    return float(signal.abs().max()) < 3e4
+
+
+def _finish(out: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "mask":
+        return out.clamp_(0, 1)
+    if kind == "probabilities":
+        out = out.clamp_(min=0)
+        return out / out.sum(1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
+    return out
+
+
+def _check_guide(guide: torch.Tensor) -> torch.Tensor:
+    if not isinstance(guide, torch.Tensor) or guide.ndim != 4:
+        shape = tuple(guide.shape) if isinstance(guide, torch.Tensor) else type(guide).__name__
+        raise ValueError(f"expected a guide image [B, C, H, W], got {shape}")
+    if guide.numel() == 0:
+        raise ValueError(f"the guide is empty: shape {tuple(guide.shape)}")
+    guide = guide.float()
+    if not torch.isfinite(guide).all():
+        raise ValueError("the guide contains NaN or infinite values; clean it (e.g. torch.nan_to_num) first")
+    return guide
+
+
+def _lr_size(guide: torch.Tensor, lr_size, scale) -> tuple[int, int]:
+    hr = guide.shape[-2:]
+    if (lr_size is None) == (scale is None):
+        raise ValueError("give exactly one of lr_size=(h, w) or scale (a number or (sy, sx))")
+    if lr_size is None:
+        sy, sx = (scale, scale) if isinstance(scale, (int, float)) else scale
+        if not (sy >= 1 and sx >= 1):
+            raise ValueError(f"scale must be >= 1 (this is an upsampler), got {scale}")
+        lr_size = (max(1, round(hr[0] / sy)), max(1, round(hr[1] / sx)))
+    h, w = (int(v) for v in lr_size)
+    if h < 1 or w < 1:
+        raise ValueError(f"low-res size must be positive, got {lr_size}")
+    if h > hr[0] or w > hr[1]:
+        raise ValueError(f"low-res size {(h, w)} is larger than the guide {tuple(hr)}: scale must be >= 1")
+    return h, w
+
+
+def _check_signal(signal: torch.Tensor, kind: str, k: BilateralKernels) -> torch.Tensor:
+    if kind not in KINDS:
+        raise ValueError(f"unknown signal kind {kind!r}; choose one of {KINDS}")
+    if not isinstance(signal, torch.Tensor) or signal.ndim != 4:
+        shape = tuple(signal.shape) if isinstance(signal, torch.Tensor) else type(signal).__name__
+        raise ValueError(f"expected a signal [B, C, h, w] (a mask [B, h, w] needs [:, None]), got {shape}")
+    if signal.numel() == 0:
+        raise ValueError(f"the signal is empty: shape {tuple(signal.shape)}")
+    if tuple(signal.shape[-2:]) != k.lr_size:
+        raise ValueError(f"signal size {tuple(signal.shape[-2:])} does not match the kernels' low-res "
+                         f"grid {k.lr_size}; fit the kernels with lr_size={tuple(signal.shape[-2:])}")
+    bs, bk = signal.shape[0], k.guide.shape[0]
+    if bs != bk and 1 not in (bs, bk):
+        raise ValueError(f"signal batch {bs} and guide batch {bk} differ; use equal batches or one of them 1")
+    if not torch.isfinite(signal).all():
+        raise ValueError("the signal contains NaN or infinite values; clean it (e.g. torch.nan_to_num) first")
+    if kind == "mask" and (signal.min() < 0 or signal.max() > 1):
+        raise ValueError(f"a mask must lie in 0..1, got {float(signal.min()):.4g}..{float(signal.max()):.4g}")
+    if kind == "probabilities":
+        sums = signal.float().sum(1)
+        if signal.min() < 0 or not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
+            raise ValueError("probabilities must be non-negative and sum to 1 over channels "
+                             "(apply softmax over dim 1 first)")
+    return signal
