@@ -65,7 +65,7 @@ class BilateralKernels:
         return window(self.grid, reach, self.radius_max)
 
     def apply(self, signal: torch.Tensor, kind: str = "features", out_dtype: torch.dtype | None = None,
-              channel_chunk: int = 64) -> torch.Tensor:
+              channel_chunk: int = 64, accumulate_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Upsample ``signal`` [B, C, h, w] (B equal to the kernels' batch, or either of them 1)
         to [B, C, H, W].
 
@@ -73,7 +73,9 @@ class BilateralKernels:
         convex combination of input values); "mask" needs values in 0..1 and stays there;
         "probabilities" needs channels summing to 1 and stays normalised.
         ``out_dtype`` defaults to the signal's floating dtype. Channels are processed
-        ``channel_chunk`` at a time; on CUDA they accumulate in float16 (mixed precision).
+        ``channel_chunk`` at a time and accumulate in ``accumulate_dtype``: by default float16
+        on CUDA (mixed precision; weights are always computed in float32) when the signal's
+        values fit, float32 otherwise.
         """
         signal = _check_signal(signal, kind, self)
         b = max(signal.shape[0], self.guide.shape[0])
@@ -84,7 +86,8 @@ class BilateralKernels:
         elif signal.shape[0] == 1 and b > 1:
             signal = signal.expand(b, -1, -1, -1)
         device = self.guide.device
-        acc_dtype = torch.float16 if device.type == "cuda" and _fits_half(signal) else torch.float32
+        acc_dtype = accumulate_dtype or (
+            torch.float16 if device.type == "cuda" and _fits_half(signal) else torch.float32)
         signal = signal.to(device)
         out = _upsample(self, signal, out_dtype, acc_dtype, channel_chunk)
         if fold:
@@ -157,7 +160,7 @@ def fit_kernels(guide_hr: torch.Tensor, lr_size: tuple[int, int] | None = None,
                 raw[:, :2].clamp_(max=math.log(sigma_cap))
         for group in opt.param_groups:
             group["lr"] *= decay
-        if len(losses) > patience and losses[-1] > losses[-1 - patience] * (1.0 - tol):
+        if len(losses) > patience and losses[-1] >= losses[-1 - patience] * (1.0 - tol):
             break
     sx, sy, theta, sr = (m.detach() for m in _maps(raw))
     return BilateralKernels(sx, sy, theta, sr, guide, guide_lr, truncate, radius_max, losses)
