@@ -9,7 +9,7 @@ from tests.upsample_fixtures import photo, psnr
 
 def test_fit_reconstructs_the_guide_better_than_bicubic():
     guide = photo(64)
-    k = fit_kernels(guide, lr_size=(16, 16), steps=30)
+    k = fit_kernels(guide, lr_size=(16, 16), steps=20)
     low = F.interpolate(guide, size=(16, 16), mode="bicubic", align_corners=False)
     bicubic = F.interpolate(low, size=(64, 64), mode="bicubic", align_corners=False).clamp(0, 1)
     recon = k.apply(low).clamp(0, 1)
@@ -39,3 +39,12 @@ def test_early_exit_when_converged():
     flat = torch.full((1, 3, 32, 32), 0.5)  # nothing to learn: the loss is 0 from the start
     k = fit_kernels(flat, lr_size=(8, 8), steps=50, patience=3)
     assert len(k.losses) == 4 and max(k.losses) < 1e-6
+
+
+def test_fit_works_in_inference_mode():
+    """ComfyUI runs nodes under torch.inference_mode()."""
+    guide = photo(32)
+    with torch.inference_mode():
+        k = fit_kernels(guide, lr_size=(8, 8), steps=2, radius_max=3)
+        out = k.apply(torch.rand(1, 2, 8, 8))
+    assert out.shape == (1, 2, 32, 32) and len(k.losses) == 2

@@ -104,7 +104,7 @@ class BilateralKernels:
 def fit_kernels(guide_hr: torch.Tensor, lr_size: tuple[int, int] | None = None,
                 scale: float | tuple[float, float] | None = None, steps: int = 50, lr: float = 0.1,
                 init_sigma: float = 16.0, init_sigma_r: float = 0.12, truncate: float = 3.0,
-                radius_max: int = 8, tol: float = 1e-3, patience: int = 5, sigma_cap: float | None = None) -> BilateralKernels:
+                radius_max: int = 8, tol: float = 1e-3, patience: int = 5) -> BilateralKernels:
     """Fit per-cell kernels to ``guide_hr`` [B, Cg, H, W] on the LR grid ``lr_size`` (h, w), or
     on (round(H / scale), round(W / scale)).
 
@@ -112,7 +112,15 @@ def fit_kernels(guide_hr: torch.Tensor, lr_size: tuple[int, int] | None = None,
     (relative) over the last ``patience`` steps. Guides of any channel count and value range
     work; sigma_r is in guide units (0.12 suits 0..1 images).
     """
-    guide = _check_guide(guide_hr)
+    # the small LR parameter maps go through autograd; ComfyUI runs nodes in inference mode
+    with torch.inference_mode(False), torch.enable_grad():
+        return _fit(guide_hr, lr_size, scale, steps, lr, init_sigma, init_sigma_r, truncate,
+                    radius_max, tol, patience)
+
+
+def _fit(guide_hr, lr_size, scale, steps, lr, init_sigma, init_sigma_r, truncate, radius_max,
+         tol, patience) -> BilateralKernels:
+    guide = _check_guide(guide_hr).clone()  # a normal tensor even if made in inference mode
     size = _lr_size(guide, lr_size, scale)
     grid = Grid.build(guide.shape[-2:], size)
     target_lr = F.interpolate(guide, size=size, mode="bicubic", align_corners=False)
@@ -127,8 +135,7 @@ def fit_kernels(guide_hr: torch.Tensor, lr_size: tuple[int, int] | None = None,
     opt = torch.optim.Adam([raw], lr=lr)
     decay = (1e-9 / 1e-1) ** (1.0 / 5100)  # the reference's schedule: 0.1 -> 1e-9 over 5100 steps
 
-    reach0 = truncate * (sigma_cap or 1e9)
-    offsets = window(grid, reach0, radius_max)
+    offsets = window(grid, math.inf, radius_max)  # each step uses the part its sigmas reach
     bands = _bands(grid, len(offsets), b)
     cache = b * len(offsets) * guide.shape[-2] * guide.shape[-1] * 4 <= _RANGE_CACHE
     prepared = [_prepare_band(grid, guide, guide_lr, offsets, rows, cache) for rows in bands]
@@ -155,9 +162,6 @@ def fit_kernels(guide_hr: torch.Tensor, lr_size: tuple[int, int] | None = None,
         opt.zero_grad(set_to_none=True)
         coef.backward(grad)
         opt.step()
-        if sigma_cap is not None:
-            with torch.no_grad():
-                raw[:, :2].clamp_(max=math.log(sigma_cap))
         for group in opt.param_groups:
             group["lr"] *= decay
         if len(losses) > patience and losses[-1] >= losses[-1 - patience] * (1.0 - tol):
