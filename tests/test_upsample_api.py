@@ -108,6 +108,7 @@ def test_mask_and_probabilities_stay_valid(guide):
     (lambda g: fixed_kernels(g, scale=4).apply(torch.rand(1, 3, 12, 12), kind="depthmap"), "unknown signal kind"),
     (lambda g: fixed_kernels(torch.cat([g, g]), scale=4).apply(torch.rand(3, 1, 12, 12)), "batch"),
     (lambda g: fixed_kernels(g, scale=4, sigma_range=0), "positive"),
+    (lambda g: fit_kernels(g, scale=4, steps=0), "steps"),
     (lambda g: guided_upsample(torch.rand(1, 3, 12, 12), g, mode="magic"), "unknown mode"),
     (lambda g: bilateral_color_fix(g, g[..., :40]), "same shape"),
 ])
@@ -139,3 +140,14 @@ def test_bilateral_color_fix_follows_the_outputs_edges():
     assert psnr(fixed, sharp) > psnr(output, sharp) + 6
     for other in ("wavelet", "adain"):
         assert psnr(fixed, sharp) > psnr(COLOR_METHODS[other](output, zoomed), sharp) + 2
+
+
+def test_kernels_move_and_are_reused_across_signals(guide):
+    k = fit_kernels(guide, lr_size=(12, 12), steps=2, radius_max=4)
+    moved = k.to("cpu")
+    assert moved.lr_size == (12, 12) and moved.losses == k.losses and moved.losses is not k.losses
+    depth, mask = torch.rand(1, 1, 12, 12), (torch.rand(1, 1, 12, 12) > 0.5).float()
+    torch.testing.assert_close(moved.apply(depth), k.apply(depth))
+    # channels are independent: one apply of a stack equals separate applies
+    torch.testing.assert_close(k.apply(torch.cat([depth, mask], 1)),
+                               torch.cat([k.apply(depth), k.apply(mask, kind="mask")], 1))

@@ -120,7 +120,11 @@ def fit_kernels(guide_hr: torch.Tensor, lr_size: tuple[int, int] | None = None,
 
 def _fit(guide_hr, lr_size, scale, steps, lr, init_sigma, init_sigma_r, truncate, radius_max,
          tol, patience) -> BilateralKernels:
-    guide = _check_guide(guide_hr).clone()  # a normal tensor even if made in inference mode
+    guide = _check_guide(guide_hr)
+    if guide.is_inference():  # made under inference mode: a normal copy
+        guide = guide.clone()
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     size = _lr_size(guide, lr_size, scale)
     grid = Grid.build(guide.shape[-2:], size)
     target_lr = F.interpolate(guide, size=size, mode="bicubic", align_corners=False)
@@ -141,7 +145,7 @@ def _fit(guide_hr, lr_size, scale, steps, lr, init_sigma, init_sigma_r, truncate
     prepared = [_prepare_band(grid, guide, guide_lr, offsets, rows, cache) for rows in bands]
     count = b * guide.shape[1] * guide.shape[-2] * guide.shape[-1]
     losses: list[float] = []
-    for step in range(steps):
+    for _ in range(steps):
         sx, sy, theta, sr = _maps(raw)
         coef = coefficients(sx, sy, theta, sr)
         reach = truncate * float(torch.maximum(sx, sy).detach().max())
