@@ -72,10 +72,10 @@ class BilateralKernels:
         ``kind``: "features", "latent", "depth" keep their values and scale (each output is a
         convex combination of input values); "mask" needs values in 0..1 and stays there;
         "probabilities" needs channels summing to 1 and stays normalised.
-        ``out_dtype`` defaults to the signal's floating dtype. Channels are processed
-        ``channel_chunk`` at a time and accumulate in ``accumulate_dtype``: by default float16
-        on CUDA (mixed precision; weights are always computed in float32) when the signal's
-        values fit, float32 otherwise.
+        ``out_dtype`` defaults to the signal's floating dtype. Channels are processed at most
+        ``channel_chunk`` at a time (fewer on large images, to bound memory) and accumulate in
+        ``accumulate_dtype``: by default float16 on CUDA (mixed precision; weights are always
+        computed in float32) when the signal's values fit, float32 otherwise.
         """
         signal = _check_signal(signal, kind, self)
         b = max(signal.shape[0], self.guide.shape[0])
@@ -250,11 +250,13 @@ def _upsample(k: BilateralKernels, signal: torch.Tensor, out_dtype: torch.dtype,
             ws = [w.to(acc_dtype) for w in ws]
             tot = tot[:, None].to(acc_dtype)
             y0, y1 = int(grid.y.start[rows[0]]), int(grid.y.start[rows[1]])
-            for c0 in range(0, c, channel_chunk):
-                part = signal[:, c0:c0 + channel_chunk].to(acc_dtype)
+            # an accumulator and the ~3 copies of it that leave the cell layout stay in budget
+            chunk = max(1, min(channel_chunk, _MEMORY // (16 * b * cells[0, 0].numel())))
+            for c0 in range(0, c, chunk):
+                part = signal[:, c0:c0 + chunk].to(acc_dtype)
                 acc = torch.zeros(b, part.shape[1], *cells.shape[2:], dtype=acc_dtype, device=signal.device)
                 weighted_sum(ws, shifts, part, acc).div_(tot)
-                out[:, c0:c0 + channel_chunk, y0:y1] = grid.from_cells(acc, rows).to(out_dtype)
+                out[:, c0:c0 + chunk, y0:y1] = grid.from_cells(acc, rows).to(out_dtype)
     return out
 
 
