@@ -6,9 +6,7 @@ import torch
 
 from coz_core.upsample import BilateralKernels
 from coz_core.upsample.grid import Grid
-from coz_core.upsample.kernel import (
-    accumulate_grad, band_shifts, coefficients, weighted_sum, weights, window,
-)
+from coz_core.upsample.kernel import FitBand, coefficients, window
 from tests.upsample_fixtures import dense_upsample, slow_upsample
 
 
@@ -58,15 +56,17 @@ def test_gradient_matches_autograd_of_dense_formula():
     grid = Grid.build(hr, lr)
     rows = (0, lr[0])
     cells = grid.to_cells(guide, rows)
-    shifts = band_shifts(grid, window(grid, 1e3, 16), rows, guide.device)
     coef = coefficients(*maps)
-    ws, total = weights(coef.detach(), cells, guide_lr, shifts)
-    out = weighted_sum(ws, shifts, signal, torch.zeros(b, 3, *cells.shape[2:])).div_(total[:, None])
-    grad_out = grid.to_cells(upstream) * grid.valid_cells(rows, guide.device)  # padded slots: no loss
     grad = torch.zeros_like(coef)
-    accumulate_grad(ws, total, shifts, signal, out, grad_out, cells, guide_lr, grad)
+    band = FitBand(grid, window(grid, 1e3, 16), rows, coef.detach().clone(), cells, guide_lr, signal, grad,
+                   cache_range=True)
+    weights, out = band.forward(band.shifts)
+    grad_out = grid.to_cells(upstream) * grid.valid_cells(rows, guide.device)  # padded slots: no loss
+    band.accumulate_grad(weights, band.shifts, grad_out)
     coef.backward(grad)
     ours = [m.grad.clone() for m in maps]
+    torch.testing.assert_close(grid.from_cells(out), BilateralKernels(
+        *(m.detach() for m in maps), guide, guide_lr, truncate=1e3, radius_max=16).apply(signal))
 
     for m in maps:
         m.grad = None

@@ -22,7 +22,8 @@ needs no autograd graph over the HR image.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -60,7 +61,8 @@ def window(grid: Grid, reach: float, radius_max: int) -> list[tuple[int, int]]:
 
 @dataclass
 class Shift:
-    """One LR offset restricted to one band of LR rows [lo, hi)."""
+    """One LR offset restricted to one band of LR rows [lo, hi), with views into the band's
+    buffers (``Band`` binds them)."""
 
     dy: int
     dx: int
@@ -73,6 +75,7 @@ class Shift:
     ty2: torch.Tensor  # squares of both
     tx2: torch.Tensor
     rng: torch.Tensor | None = None  # cached range term [B, Ly, Lx, n, m], if any
+    views: dict[str, Any] = field(default_factory=dict)
 
 
 def band_shifts(grid: Grid, offsets: list[tuple[int, int]], rows: tuple[int, int],
@@ -104,71 +107,110 @@ def range_term(guide_cells: torch.Tensor, guide_lr: torch.Tensor, s: Shift) -> t
     return diff.square_().sum(1)
 
 
-def energy(coef: torch.Tensor, guide_cells: torch.Tensor, guide_lr: torch.Tensor,
-           s: Shift) -> torch.Tensor:
-    """E(p, q) for the shift's block: [B, Ly, Lx, n, m]."""
-    a, b, c, d = _lr_block(coef, s).unbind(1)
-    e = torch.addcmul(b * s.ty2, c * s.ty, s.tx)  # the small factors first, one full-size op
-    e += a * s.tx2
-    rng = s.rng if s.rng is not None else range_term(guide_cells, guide_lr, s)
-    return e.addcmul_(d, rng)
+class Band:
+    """One band of LR rows: its shifts and their weights.
 
-
-def weights(coef: torch.Tensor, guide_cells: torch.Tensor, guide_lr: torch.Tensor,
-            shifts: list[Shift]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Unnormalised weights of every shift over its block and their per-pixel total.
-
-    ``guide_cells`` is the band [B, Cg, Ly, Lx, n, m]; ``coef`` and ``guide_lr`` are whole LR
-    maps. Each pixel's smallest energy is subtracted before exponentiating (the best neighbour gets weight 1, so the total is >= 1 and nothing overflows).
+    ``coef`` [B, 4, h, w] is read through views made once (update it in place between calls):
+    at these sizes, making a view costs about as much as the arithmetic on it.
+    ``guide_cells`` is the band of the guide [B, Cg, Ly, Lx, n, m], ``guide_lr`` the LR guide.
     """
-    b, _, ly, lx, n, m = guide_cells.shape
-    e_min = torch.full((b, ly, lx, n, m), math.inf, device=coef.device, dtype=coef.dtype)
-    energies = []
-    for s in shifts:
-        e = energy(coef, guide_cells, guide_lr, s)
-        view = e_min[..., s.rows, s.cols]
-        torch.minimum(view, e, out=view)
-        energies.append(e)
-    total = torch.zeros_like(e_min)
-    for s, e in zip(shifts, energies):
-        # e becomes the weight; the floor keeps exp and the gradient products out of
-        # denormals (100x slower on CPUs) and changes results by < 1e-15 relative
-        torch.sub(e_min[..., s.rows, s.cols], e, out=e).clamp_(min=_LOG_FLOOR).exp_()
-        total[..., s.rows, s.cols] += e
-    return energies, total
+
+    def __init__(self, grid: Grid, offsets: list[tuple[int, int]], rows: tuple[int, int],
+                 coef: torch.Tensor, guide_cells: torch.Tensor, guide_lr: torch.Tensor,
+                 cache_range: bool = False):
+        self.rows, self.cells, self.guide_lr = rows, guide_cells, guide_lr
+        self.shifts = band_shifts(grid, offsets, rows, coef.device)
+        b, _, ly, lx, n, m = guide_cells.shape
+        self.e_min = torch.empty(b, ly, lx, n, m, device=coef.device, dtype=coef.dtype)
+        self.total = torch.empty_like(self.e_min)
+        for s in self.shifts:
+            s.views.update(coef=_lr_block(coef, s).unbind(1), e_min=self.e_min[..., s.rows, s.cols],
+                           total=self.total[..., s.rows, s.cols])
+            if cache_range:
+                s.rng = range_term(guide_cells, guide_lr, s)
+
+    def _range(self, s: Shift) -> torch.Tensor:
+        return s.rng if s.rng is not None else range_term(self.cells, self.guide_lr, s)
+
+    def weights(self, shifts: list[Shift]) -> list[torch.Tensor]:
+        """Unnormalised weights of ``shifts`` (a subset of the band's) over their blocks; their
+        per-pixel sum is left in ``self.total``. Each pixel's smallest energy is subtracted
+        before exponentiating: the best neighbour gets weight 1, so the total is >= 1 and
+        nothing overflows."""
+        self.e_min.fill_(math.inf)
+        energies = []
+        for s in shifts:
+            a, b, c, d = s.views["coef"]
+            e = torch.mul(d, self._range(s))  # the fastest order of these broadcasts
+            e.addcmul_(c * s.ty, s.tx)
+            e += b * s.ty2
+            e += a * s.tx2
+            torch.minimum(s.views["e_min"], e, out=s.views["e_min"])
+            energies.append(e)
+        self.total.zero_()
+        for s, e in zip(shifts, energies):
+            # e becomes the weight; the floor keeps exp and the gradient products out of
+            # denormals (100x slower on CPUs) and changes results by < 1e-15 relative
+            torch.sub(s.views["e_min"], e, out=e).clamp_(min=_LOG_FLOOR).exp_()
+            s.views["total"] += e
+        return energies
+
+    def weighted_sum(self, weights: list[torch.Tensor], shifts: list[Shift], signal_lr: torch.Tensor,
+                     out: torch.Tensor) -> torch.Tensor:
+        """out[B, C, Ly, Lx, n, m] = normalised sum over shifts of weight * shifted signal."""
+        for s, w in zip(shifts, weights):
+            out[..., s.rows, s.cols].addcmul_(w[:, None], _lr_block(signal_lr, s).to(out.dtype))
+        return out.div_(self.total[:, None].to(out.dtype))
 
 
-def weighted_sum(weights: list[torch.Tensor], shifts: list[Shift], signal_lr: torch.Tensor,
-                 out: torch.Tensor) -> torch.Tensor:
-    """out[B, C, Ly, Lx, n, m] += sum over shifts of weight * shifted signal (divide by the
-    total weight afterwards)."""
-    for s, w in zip(shifts, weights):
-        out[..., s.rows, s.cols].addcmul_(w[:, None], _lr_block(signal_lr, s).to(out.dtype))
-    return out
+class FitBand(Band):
+    """A band that also upsamples one fixed signal (the LR guide) and back-propagates to the
+    coefficients, with persistent buffers and views for all of it."""
 
+    def __init__(self, grid: Grid, offsets: list[tuple[int, int]], rows: tuple[int, int],
+                 coef: torch.Tensor, guide_cells: torch.Tensor, guide_lr: torch.Tensor,
+                 signal_lr: torch.Tensor, grad_coef: torch.Tensor, cache_range: bool):
+        super().__init__(grid, offsets, rows, coef, guide_cells, guide_lr, cache_range)
+        channels = signal_lr.shape[1]
+        self.out = torch.empty(guide_cells.shape[0], channels, *guide_cells.shape[2:],
+                               device=coef.device, dtype=coef.dtype)
+        self.g = torch.empty_like(self.out)
+        self.g_dot_out = torch.empty_like(self.e_min)
+        for s in self.shifts:
+            s.views.update(out=self.out[..., s.rows, s.cols],
+                           signal_block=_lr_block(signal_lr, s),
+                           signal=_lr_block(signal_lr, s).unbind(1),
+                           g=self.g[..., s.rows, s.cols].unbind(1),
+                           g_dot_out=self.g_dot_out[..., s.rows, s.cols],  # negated
+                           grad=grad_coef[:, :, s.lr_rows, s.lr_cols])
 
-def accumulate_grad(weights: list[torch.Tensor], total: torch.Tensor, shifts: list[Shift],
-                    signal_lr: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
-                    guide_cells: torch.Tensor, guide_lr: torch.Tensor, grad_coef: torch.Tensor) -> None:
-    """Add d(loss)/d(coef) [B, 4, h, w] given the normalised output ``out`` and d(loss)/d(out)
-    over one band.
+    def forward(self, shifts: list[Shift]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(weights, the normalised output in ``self.out``)."""
+        ws = self.weights(shifts)
+        self.out.zero_()
+        for s, w in zip(shifts, ws):
+            s.views["out"].addcmul_(w[:, None], s.views["signal_block"])
+        return ws, self.out.div_(self.total[:, None])
 
-    With P = weight / total, d out / d E_k = -P_k (signal_k - out), so
-    -d loss / d E_k = P_k (g . signal_k - g . out) for the upstream gradient g; the chain to
-    (a, b, c, d) multiplies by (dx^2, dy^2, dx dy, |dg|^2) and sums over each cell's pixels.
-    """
-    g = grad_out / total[:, None]
-    g_dot_out = (g * out).sum(1)
-    for s, w in zip(shifts, weights):
-        sig = _lr_block(signal_lr, s)
-        gv = g[..., s.rows, s.cols]
-        t = gv[:, 0] * sig[:, 0]
-        for ch in range(1, sig.shape[1]):
-            t.addcmul_(gv[:, ch], sig[:, ch])
-        t.sub_(g_dot_out[..., s.rows, s.cols]).mul_(w)  # = -d loss / d E, [B, Ly, Lx, n, m]
-        ga = (t.sum(1) * s.tx2).sum(1)
-        gb = (t.sum(2) * s.ty2[:, 0]).sum(1)
-        gc = ((t * s.ty).sum(1) * s.tx).sum(1)
-        rng = s.rng if s.rng is not None else range_term(guide_cells, guide_lr, s)
-        gd = (t * rng).sum((1, 2))
-        grad_coef[:, :, s.lr_rows, s.lr_cols] -= torch.stack([ga, gb, gc, gd], 1)
+    def accumulate_grad(self, weights: list[torch.Tensor], shifts: list[Shift],
+                        grad_out: torch.Tensor) -> None:
+        """Add d(loss)/d(coef) to the bound ``grad_coef`` given d(loss)/d(out) over the band.
+
+        With P = weight / total, d out / d E_k = -P_k (signal_k - out), so
+        -d loss / d E_k = P_k (g . signal_k - g . out) for the upstream gradient g; the chain
+        to (a, b, c, d) multiplies by (dx^2, dy^2, dx dy, |dg|^2) and sums over each cell's
+        pixels.
+        """
+        torch.div(grad_out, self.total[:, None], out=self.g)
+        torch.sum(self.g * self.out, 1, out=self.g_dot_out).neg_()
+        for s, w in zip(shifts, weights):
+            g, sig = s.views["g"], s.views["signal"]
+            t = torch.addcmul(s.views["g_dot_out"], g[0], sig[0])
+            for ch in range(1, len(sig)):
+                t.addcmul_(g[ch], sig[ch])
+            t.mul_(w)  # = -d loss / d E, [B, Ly, Lx, n, m]
+            ga = (t.sum(1) * s.tx2).sum(1)
+            gb = (t.sum(2) * s.ty2[:, 0]).sum(1)
+            gc = ((t * s.ty).sum(1) * s.tx).sum(1)
+            gd = t.mul_(self._range(s)).sum((1, 2))
+            s.views["grad"].sub_(torch.stack([ga, gb, gc, gd], 1))

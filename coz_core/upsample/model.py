@@ -21,9 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .grid import Grid
-from .kernel import (
-    Shift, accumulate_grad, band_shifts, coefficients, range_term, weighted_sum, weights, window,
-)
+from .kernel import Band, FitBand, coefficients, window
 
 KINDS = ("features", "latent", "depth", "mask", "probabilities")
 _MEMORY = 256 * 2**20  # bytes of weights held at once (one band of rows)
@@ -140,9 +138,15 @@ def _fit(guide_hr, lr_size, scale, steps, lr, init_sigma, init_sigma_r, truncate
     decay = (1e-9 / 1e-1) ** (1.0 / 5100)  # the reference's schedule: 0.1 -> 1e-9 over 5100 steps
 
     offsets = window(grid, math.inf, radius_max)  # each step uses the part its sigmas reach
-    bands = _bands(grid, len(offsets), b)
     cache = b * len(offsets) * guide.shape[-2] * guide.shape[-1] * 4 <= _RANGE_CACHE
-    prepared = [_prepare_band(grid, guide, guide_lr, offsets, rows, cache) for rows in bands]
+    coef_now = torch.empty(b, 4, *size, device=guide.device)  # the bands read it through views
+    grad = torch.empty_like(coef_now)
+    bands = []
+    for rows in _bands(grid, len(offsets), b):
+        cells = grid.to_cells(guide, rows)
+        mask = grid.valid_cells(rows, guide.device).to(guide.dtype)
+        bands.append((FitBand(grid, offsets, rows, coef_now, cells, guide_lr, target_lr, grad, cache),
+                      cells, mask))
     count = b * guide.shape[1] * guide.shape[-2] * guide.shape[-1]
     losses: list[float] = []
     for _ in range(steps):
@@ -150,18 +154,16 @@ def _fit(guide_hr, lr_size, scale, steps, lr, init_sigma, init_sigma_r, truncate
         coef = coefficients(sx, sy, theta, sr)
         reach = truncate * float(torch.maximum(sx, sy).detach().max())
         active = set(window(grid, reach, radius_max))
-        grad = torch.zeros_like(coef)
         total = 0.0
         with torch.no_grad():
-            for rows, (cells, mask, shifts) in zip(bands, prepared):
-                shifts = [s for s in shifts if (s.dy, s.dx) in active]
-                c = coef.detach()
-                ws, tot = weights(c, cells, guide_lr, shifts)
-                out = weighted_sum(ws, shifts, target_lr, torch.zeros_like(cells)).div_(tot[:, None])
+            coef_now.copy_(coef)
+            grad.zero_()
+            for band, cells, mask in bands:
+                shifts = [s for s in band.shifts if (s.dy, s.dx) in active]
+                weights, out = band.forward(shifts)
                 diff = (out - cells).mul_(mask)
                 total += float(diff.abs().sum())
-                grad_out = diff.sign_().mul_(mask).div_(count)
-                accumulate_grad(ws, tot, shifts, target_lr, out, grad_out, cells, guide_lr, grad)
+                band.accumulate_grad(weights, shifts, diff.sign_().mul_(mask).div_(count))
         losses.append(total / count)
         opt.zero_grad(set_to_none=True)
         coef.backward(grad)
@@ -221,18 +223,6 @@ def _bands(grid: Grid, n_offsets: int, batch: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + per_band, grid.y.lr)) for lo in range(0, grid.y.lr, per_band)]
 
 
-def _prepare_band(grid: Grid, guide: torch.Tensor, guide_lr: torch.Tensor,
-                  offsets: list[tuple[int, int]], rows: tuple[int, int], cache: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, list[Shift]]:
-    cells = grid.to_cells(guide, rows)
-    mask = grid.valid_cells(rows, guide.device).to(guide.dtype)
-    shifts = band_shifts(grid, offsets, rows, guide.device)
-    if cache:
-        for s in shifts:
-            s.rng = range_term(cells, guide_lr, s)
-    return cells, mask, shifts
-
-
 def _upsample(k: BilateralKernels, signal: torch.Tensor, out_dtype: torch.dtype,
               acc_dtype: torch.dtype, channel_chunk: int) -> torch.Tensor:
     grid, coef = k.grid, k.coefficients()
@@ -245,17 +235,15 @@ def _upsample(k: BilateralKernels, signal: torch.Tensor, out_dtype: torch.dtype,
     with torch.no_grad():
         for rows in _bands(grid, len(offsets), b):
             cells = grid.to_cells(guide, rows)
-            shifts = band_shifts(grid, offsets, rows, signal.device)
-            ws, tot = weights(coef, cells, guide_lr, shifts)
-            ws = [w.to(acc_dtype) for w in ws]
-            tot = tot[:, None].to(acc_dtype)
+            band = Band(grid, offsets, rows, coef, cells, guide_lr)
+            ws = [w.to(acc_dtype) for w in band.weights(band.shifts)]
             y0, y1 = int(grid.y.start[rows[0]]), int(grid.y.start[rows[1]])
             # an accumulator and the ~3 copies of it that leave the cell layout stay in budget
             chunk = max(1, min(channel_chunk, _MEMORY // (16 * b * cells[0, 0].numel())))
             for c0 in range(0, c, chunk):
                 part = signal[:, c0:c0 + chunk].to(acc_dtype)
                 acc = torch.zeros(b, part.shape[1], *cells.shape[2:], dtype=acc_dtype, device=signal.device)
-                weighted_sum(ws, shifts, part, acc).div_(tot)
+                band.weighted_sum(ws, band.shifts, part, acc)
                 out[:, c0:c0 + chunk, y0:y1] = grid.from_cells(acc, rows).to(out_dtype)
     return out
 
