@@ -48,3 +48,12 @@ def test_fit_works_in_inference_mode():
         k = fit_kernels(guide, lr_size=(8, 8), steps=2, radius_max=3)
         out = k.apply(torch.rand(1, 2, 8, 8))
     assert out.shape == (1, 2, 32, 32) and len(k.losses) == 2
+
+
+def test_fit_at_non_integer_scales_different_per_axis():
+    guide = F.interpolate(photo(64), size=(50, 41), mode="bilinear", align_corners=False)  # x3.85, x4.56
+    k = fit_kernels(guide, lr_size=(13, 9), steps=15)
+    low = F.interpolate(guide, size=(13, 9), mode="bicubic", align_corners=False)
+    bicubic = F.interpolate(low, size=(50, 41), mode="bicubic", align_corners=False).clamp(0, 1)
+    assert k.losses[-1] < 0.6 * k.losses[0]
+    assert psnr(k.apply(low).clamp(0, 1), guide) > psnr(bicubic, guide) + 8

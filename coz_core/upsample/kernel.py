@@ -13,11 +13,11 @@ the per-pair work is a few multiply-adds.
 
 Neighbours are visited one LR offset (a "shift") at a time in the cell layout of ``grid``:
 cells that have the neighbour form a rectangle and the neighbour's maps are that rectangle of
-the LR maps, shifted, broadcast over the HR pixels of each cell. Nothing of size
-(HR pixels x neighbours x channels) exists; weights are held for one band of rows at a time.
-Normalisation subtracts each pixel's smallest energy first (exact, and never under- or
-overflows) and divides once at the end. The gradient of the energies is written by hand (``accumulate_grad``), so fitting
-needs no autograd graph over the HR image.
+the LR maps, shifted, broadcast over the HR pixels of each cell; every op covers all pixels of a
+band at once. Nothing of size (HR pixels x neighbours x channels) exists; weights are held for
+one band of LR rows at a time. Normalisation subtracts each pixel's smallest energy first
+(exact, no overflow) and divides once at the end. The gradient of the energies is written by
+hand (``FitBand.accumulate_grad``), so fitting needs no autograd graph over the HR image.
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ import torch
 
 from .grid import Grid
 
+# exp() floor: keeps exp and the gradient products out of denormals (100x slower on CPUs);
+# changes results by < 1e-15 relative since the best neighbour always has weight 1
 _LOG_FLOOR = -40.0
 
 
@@ -149,9 +151,7 @@ class Band:
             energies.append(e)
         self.total.zero_()
         for s, e in zip(shifts, energies):
-            # e becomes the weight; the floor keeps exp and the gradient products out of
-            # denormals (100x slower on CPUs) and changes results by < 1e-15 relative
-            torch.sub(s.views["e_min"], e, out=e).clamp_(min=_LOG_FLOOR).exp_()
+            torch.sub(s.views["e_min"], e, out=e).clamp_(min=_LOG_FLOOR).exp_()  # e -> weight
             s.views["total"] += e
         return energies
 
