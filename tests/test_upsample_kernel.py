@@ -6,7 +6,7 @@ import torch
 
 from coz_core.upsample import BilateralKernels
 from coz_core.upsample.grid import Grid
-from coz_core.upsample.kernel import FitBand, coefficients, window
+from coz_core.upsample.kernel import FitBand, coefficients, pad_lr, window
 from tests.upsample_fixtures import dense_upsample, slow_upsample
 
 
@@ -57,13 +57,14 @@ def test_gradient_matches_autograd_of_dense_formula():
     rows = (0, lr[0])
     cells = grid.to_cells(guide, rows)
     coef = coefficients(*maps)
-    grad = torch.zeros_like(coef)
-    band = FitBand(grid, window(grid, 1e3, 16), rows, coef.detach().clone(), cells, guide_lr, signal, grad,
-                   cache_range=True)
+    pad = 16
+    grad = torch.zeros(b, 4, lr[0] + 2 * pad, lr[1] + 2 * pad)
+    band = FitBand(grid, window(grid, 1e3, pad), rows, pad, pad_lr(coef.detach(), pad), cells, guide_lr,
+                   signal, grad, cache_range=True)
     weights, out = band.forward(band.shifts)
     grad_out = grid.to_cells(upstream) * grid.valid_cells(rows, guide.device)  # padded slots: no loss
     band.accumulate_grad(weights, band.shifts, grad_out)
-    coef.backward(grad)
+    coef.backward(grad[:, :, pad:-pad, pad:-pad])
     ours = [m.grad.clone() for m in maps]
     torch.testing.assert_close(grid.from_cells(out), BilateralKernels(
         *(m.detach() for m in maps), guide, guide_lr, truncate=1e3, radius_max=16).apply(signal))

@@ -11,10 +11,11 @@ normalised sum ``sum_q w(p, q) signal(q) / sum_q w(p, q)``. The spatial part is 
 quadratic form ``a dx^2 + b dy^2 + c dx dy`` with per-cell coefficients (``coefficients``), so
 the per-pair work is a few multiply-adds.
 
-Neighbours are visited one LR offset (a "shift") at a time in the cell layout of ``grid``:
-cells that have the neighbour form a rectangle and the neighbour's maps are that rectangle of
-the LR maps, shifted, broadcast over the HR pixels of each cell; every op covers all pixels of a
-band at once. Nothing of size (HR pixels x neighbours x channels) exists; weights are held for
+Neighbours are visited one LR offset (a "shift") at a time in the cell layout of ``grid``: the
+neighbour's maps are the LR maps shifted (edge-padded by the window radius), broadcast over the
+HR pixels of each cell; every op covers all pixels of a band at once, on contiguous memory.
+Neighbours that fall outside the LR grid get an enormous range term, hence weight ~1e-18, and
+their gradients land in the padding, which is dropped. Nothing of size (HR pixels x neighbours x channels) exists; weights are held for
 one band of LR rows at a time. Normalisation subtracts each pixel's smallest energy first
 (exact, no overflow) and divides once at the end. The gradient of the energies is written by
 hand (``FitBand.accumulate_grad``), so fitting needs no autograd graph over the HR image.
@@ -26,12 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .grid import Grid
 
 # exp() floor: keeps exp and the gradient products out of denormals (100x slower on CPUs);
 # changes results by < 1e-15 relative since the best neighbour always has weight 1
 _LOG_FLOOR = -40.0
+_OUTSIDE = 1e20  # range term of neighbours outside the LR grid
 
 
 def coefficients(sigma_x: torch.Tensor, sigma_y: torch.Tensor, theta: torch.Tensor,
@@ -61,84 +64,91 @@ def window(grid: Grid, reach: float, radius_max: int) -> list[tuple[int, int]]:
     return out
 
 
+def pad_lr(lr_map: torch.Tensor, pad: int) -> torch.Tensor:
+    """Edge-pad LR maps [B, C, h, w] by ``pad`` cells on every side (shifts index into this)."""
+    return F.pad(lr_map, (pad, pad, pad, pad), mode="replicate")
+
+
 @dataclass
 class Shift:
-    """One LR offset restricted to one band of LR rows [lo, hi), with views into the band's
-    buffers (``Band`` binds them)."""
+    """One LR offset over one band of LR rows [lo, hi), with views into the band's buffers
+    (``Band`` binds them)."""
 
     dy: int
     dx: int
-    rows: slice  # band-local cell rows that have this neighbour
-    cols: slice  # cell columns that have this neighbour
-    lr_rows: slice  # the neighbours' LR rows
+    lr_rows: slice  # the neighbours' rows in the padded LR maps
     lr_cols: slice
     ty: torch.Tensor  # [Ly, 1, n, 1] HR offset along y from the neighbour's centre
     tx: torch.Tensor  # [Lx, 1, m] same along x
     ty2: torch.Tensor  # squares of both
     tx2: torch.Tensor
+    outside: torch.Tensor | None  # [n, m] bool: the neighbour is off the LR grid (None: never)
     rng: torch.Tensor | None = None  # cached range term [B, Ly, Lx, n, m], if any
     views: dict[str, Any] = field(default_factory=dict)
 
 
-def band_shifts(grid: Grid, offsets: list[tuple[int, int]], rows: tuple[int, int],
+def band_shifts(grid: Grid, offsets: list[tuple[int, int]], rows: tuple[int, int], pad: int,
                 device: torch.device) -> list[Shift]:
+    """The shifts that reach at least one cell of the band from inside the LR grid."""
     lo, hi = rows
+    h, w = grid.lr_size
     out = []
     for dy, dx in offsets:
-        i0, i1 = grid.y.overlap(dy, lo, hi)
-        j0, j1 = grid.x.overlap(dx, 0, grid.x.lr)
-        if i0 >= i1 or j0 >= j1:
+        i, j = torch.arange(lo, hi) + dy, torch.arange(w) + dx
+        off_y, off_x = (i < 0) | (i >= h), (j < 0) | (j >= w)
+        if off_y.all() or off_x.all():
             continue
-        ty = grid.y.offsets_from_centre(dy, i0, i1).float().to(device)
-        tx = grid.x.offsets_from_centre(dx, j0, j1).float().to(device)
-        ty = ty.T[:, None, :, None].contiguous()
-        tx = tx.T[:, None, :].contiguous()
-        out.append(Shift(dy, dx, slice(i0 - lo, i1 - lo), slice(j0, j1), slice(i0 + dy, i1 + dy),
-                         slice(j0 + dx, j1 + dx), ty, tx, ty.square(), tx.square()))
+        outside = off_y[:, None] | off_x[None, :]
+        ty = grid.y.offsets_from_centre(dy, lo, hi).float().T[:, None, :, None].contiguous().to(device)
+        tx = grid.x.offsets_from_centre(dx, 0, w).float().T[:, None, :].contiguous().to(device)
+        out.append(Shift(dy, dx, slice(lo + dy + pad, hi + dy + pad), slice(dx + pad, dx + pad + w),
+                         ty, tx, ty.square(), tx.square(), outside.to(device) if outside.any() else None))
     return out
 
 
-def _lr_block(lr_map: torch.Tensor, s: Shift) -> torch.Tensor:
-    """[B, C, h, w] -> the shifted block [B, C, 1, 1, n, m] for broadcasting over slots."""
-    return lr_map[:, :, None, None, s.lr_rows, s.lr_cols]
+def _lr_block(padded: torch.Tensor, s: Shift) -> torch.Tensor:
+    """Padded LR maps [B, C, h + 2p, w + 2p] -> the shift's neighbours [B, C, 1, 1, n, w] for
+    broadcasting over slots."""
+    return padded[:, :, None, None, s.lr_rows, s.lr_cols]
 
 
-def range_term(guide_cells: torch.Tensor, guide_lr: torch.Tensor, s: Shift) -> torch.Tensor:
-    """|guide_hr(p) - guide_lr(q)|^2 over the shift's block: [B, Ly, Lx, n, m]."""
-    diff = guide_cells[..., s.rows, s.cols] - _lr_block(guide_lr, s)
-    return diff.square_().sum(1)
+def range_term(guide_cells: torch.Tensor, guide_lr_padded: torch.Tensor, s: Shift) -> torch.Tensor:
+    """|guide_hr(p) - guide_lr(q)|^2: [B, Ly, Lx, n, w]; ``_OUTSIDE`` off the grid."""
+    rng = (guide_cells - _lr_block(guide_lr_padded, s)).square_().sum(1)
+    return rng if s.outside is None else rng.masked_fill_(s.outside, _OUTSIDE)
 
 
 class Band:
     """One band of LR rows: its shifts and their weights.
 
-    ``coef`` [B, 4, h, w] is read through views made once (update it in place between calls):
-    at these sizes, making a view costs about as much as the arithmetic on it.
-    ``guide_cells`` is the band of the guide [B, Cg, Ly, Lx, n, m], ``guide_lr`` the LR guide.
+    ``coef_padded`` ([B, 4, h, w] coefficients through ``pad_lr``) is read through views made
+    once (update it in place between calls): at these sizes, making a view costs about as much
+    as the arithmetic on it. ``guide_cells`` is the band of the guide [B, Cg, Ly, Lx, n, w],
+    ``guide_lr`` the LR guide [B, Cg, h, w].
     """
 
-    def __init__(self, grid: Grid, offsets: list[tuple[int, int]], rows: tuple[int, int],
-                 coef: torch.Tensor, guide_cells: torch.Tensor, guide_lr: torch.Tensor,
+    def __init__(self, grid: Grid, offsets: list[tuple[int, int]], rows: tuple[int, int], pad: int,
+                 coef_padded: torch.Tensor, guide_cells: torch.Tensor, guide_lr: torch.Tensor,
                  cache_range: bool = False):
-        self.rows, self.cells, self.guide_lr = rows, guide_cells, guide_lr
-        self.shifts = band_shifts(grid, offsets, rows, coef.device)
+        self.rows, self.pad, self.cells = rows, pad, guide_cells
+        self.guide_lr = pad_lr(guide_lr, pad)
+        self.shifts = band_shifts(grid, offsets, rows, pad, coef_padded.device)
         b, _, ly, lx, n, m = guide_cells.shape
-        self.e_min = torch.empty(b, ly, lx, n, m, device=coef.device, dtype=coef.dtype)
+        self.e_min = torch.empty(b, ly, lx, n, m, device=coef_padded.device, dtype=coef_padded.dtype)
         self.total = torch.empty_like(self.e_min)
         for s in self.shifts:
-            s.views.update(coef=_lr_block(coef, s).unbind(1), e_min=self.e_min[..., s.rows, s.cols],
-                           total=self.total[..., s.rows, s.cols])
+            s.views["coef"] = _lr_block(coef_padded, s).unbind(1)
             if cache_range:
-                s.rng = range_term(guide_cells, guide_lr, s)
+                s.rng = range_term(guide_cells, self.guide_lr, s)
 
     def _range(self, s: Shift) -> torch.Tensor:
         return s.rng if s.rng is not None else range_term(self.cells, self.guide_lr, s)
 
     def weights(self, shifts: list[Shift]) -> list[torch.Tensor]:
-        """Unnormalised weights of ``shifts`` (a subset of the band's) over their blocks; their
-        per-pixel sum is left in ``self.total``. Each pixel's smallest energy is subtracted
-        before exponentiating: the best neighbour gets weight 1, so the total is >= 1 and
-        nothing overflows."""
+        """Unnormalised weights of ``shifts`` (a subset of the band's); their per-pixel sum is
+        left in ``self.total``. Each pixel's smallest energy is subtracted before
+        exponentiating: the best neighbour gets weight 1, so the total is >= 1 and nothing
+        overflows."""
         self.e_min.fill_(math.inf)
         energies = []
         for s in shifts:
@@ -147,54 +157,54 @@ class Band:
             e.addcmul_(c * s.ty, s.tx)
             e += b * s.ty2
             e += a * s.tx2
-            torch.minimum(s.views["e_min"], e, out=s.views["e_min"])
+            torch.minimum(self.e_min, e, out=self.e_min)
             energies.append(e)
         self.total.zero_()
-        for s, e in zip(shifts, energies):
-            torch.sub(s.views["e_min"], e, out=e).clamp_(min=_LOG_FLOOR).exp_()  # e -> weight
-            s.views["total"] += e
+        for e in energies:
+            torch.sub(self.e_min, e, out=e).clamp_(min=_LOG_FLOOR).exp_()  # e -> weight
+            self.total += e
         return energies
 
     def weighted_sum(self, weights: list[torch.Tensor], shifts: list[Shift], signal_lr: torch.Tensor,
                      out: torch.Tensor) -> torch.Tensor:
-        """out[B, C, Ly, Lx, n, m] = normalised sum over shifts of weight * shifted signal."""
+        """out[B, C, Ly, Lx, n, w] = normalised sum over shifts of weight * shifted signal."""
+        padded = pad_lr(signal_lr.to(out.dtype), self.pad)
         for s, w in zip(shifts, weights):
-            out[..., s.rows, s.cols].addcmul_(w[:, None], _lr_block(signal_lr, s).to(out.dtype))
+            out.addcmul_(w[:, None], _lr_block(padded, s))
         return out.div_(self.total[:, None].to(out.dtype))
 
 
 class FitBand(Band):
     """A band that also upsamples one fixed signal (the LR guide) and back-propagates to the
-    coefficients, with persistent buffers and views for all of it."""
+    coefficients, with persistent buffers and views for all of it. Gradients go to
+    ``grad_padded`` ([B, 4, h + 2p, w + 2p]; the caller drops the padding)."""
 
-    def __init__(self, grid: Grid, offsets: list[tuple[int, int]], rows: tuple[int, int],
-                 coef: torch.Tensor, guide_cells: torch.Tensor, guide_lr: torch.Tensor,
-                 signal_lr: torch.Tensor, grad_coef: torch.Tensor, cache_range: bool):
-        super().__init__(grid, offsets, rows, coef, guide_cells, guide_lr, cache_range)
-        channels = signal_lr.shape[1]
-        self.out = torch.empty(guide_cells.shape[0], channels, *guide_cells.shape[2:],
-                               device=coef.device, dtype=coef.dtype)
+    def __init__(self, grid: Grid, offsets: list[tuple[int, int]], rows: tuple[int, int], pad: int,
+                 coef_padded: torch.Tensor, guide_cells: torch.Tensor, guide_lr: torch.Tensor,
+                 signal_lr: torch.Tensor, grad_padded: torch.Tensor, cache_range: bool):
+        super().__init__(grid, offsets, rows, pad, coef_padded, guide_cells, guide_lr, cache_range)
+        self.out = torch.empty(guide_cells.shape[0], signal_lr.shape[1], *guide_cells.shape[2:],
+                               device=coef_padded.device, dtype=coef_padded.dtype)
         self.g = torch.empty_like(self.out)
-        self.g_dot_out = torch.empty_like(self.e_min)
+        self.neg_g_dot_out = torch.empty_like(self.e_min)
+        signal = pad_lr(signal_lr, pad)
         for s in self.shifts:
-            s.views.update(out=self.out[..., s.rows, s.cols],
-                           signal_block=_lr_block(signal_lr, s),
-                           signal=_lr_block(signal_lr, s).unbind(1),
-                           g=self.g[..., s.rows, s.cols].unbind(1),
-                           g_dot_out=self.g_dot_out[..., s.rows, s.cols],  # negated
-                           grad=grad_coef[:, :, s.lr_rows, s.lr_cols])
+            block = _lr_block(signal, s)
+            s.views.update(signal_block=block, signal=block.unbind(1),
+                           grad=grad_padded[:, :, s.lr_rows, s.lr_cols])
+        self.g_channels = self.g.unbind(1)
 
     def forward(self, shifts: list[Shift]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(weights, the normalised output in ``self.out``)."""
         ws = self.weights(shifts)
         self.out.zero_()
         for s, w in zip(shifts, ws):
-            s.views["out"].addcmul_(w[:, None], s.views["signal_block"])
+            self.out.addcmul_(w[:, None], s.views["signal_block"])
         return ws, self.out.div_(self.total[:, None])
 
     def accumulate_grad(self, weights: list[torch.Tensor], shifts: list[Shift],
                         grad_out: torch.Tensor) -> None:
-        """Add d(loss)/d(coef) to the bound ``grad_coef`` given d(loss)/d(out) over the band.
+        """Add d(loss)/d(coef) to the bound gradient given d(loss)/d(out) over the band.
 
         With P = weight / total, d out / d E_k = -P_k (signal_k - out), so
         -d loss / d E_k = P_k (g . signal_k - g . out) for the upstream gradient g; the chain
@@ -202,13 +212,14 @@ class FitBand(Band):
         pixels.
         """
         torch.div(grad_out, self.total[:, None], out=self.g)
-        torch.sum(self.g * self.out, 1, out=self.g_dot_out).neg_()
+        torch.sum(self.g * self.out, 1, out=self.neg_g_dot_out).neg_()
+        g = self.g_channels
         for s, w in zip(shifts, weights):
-            g, sig = s.views["g"], s.views["signal"]
-            t = torch.addcmul(s.views["g_dot_out"], g[0], sig[0])
+            sig = s.views["signal"]
+            t = torch.addcmul(self.neg_g_dot_out, g[0], sig[0])
             for ch in range(1, len(sig)):
                 t.addcmul_(g[ch], sig[ch])
-            t.mul_(w)  # = -d loss / d E, [B, Ly, Lx, n, m]
+            t.mul_(w)  # = -d loss / d E, [B, Ly, Lx, n, w]
             ga = (t.sum(1) * s.tx2).sum(1)
             gb = (t.sum(2) * s.ty2[:, 0]).sum(1)
             gc = ((t * s.ty).sum(1) * s.tx).sum(1)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .grid import Grid
-from .kernel import Band, FitBand, coefficients, window
+from .kernel import Band, FitBand, coefficients, pad_lr, window
 
 KINDS = ("features", "latent", "depth", "mask", "probabilities")
 _MEMORY = 256 * 2**20  # bytes of weights held at once (one band of rows)
@@ -139,13 +139,15 @@ def _fit(guide_hr, lr_size, scale, steps, lr, init_sigma, init_sigma_r, truncate
 
     offsets = window(grid, math.inf, radius_max)  # each step uses the part its sigmas reach
     cache = b * len(offsets) * guide.shape[-2] * guide.shape[-1] * 4 <= _RANGE_CACHE
-    coef_now = torch.empty(b, 4, *size, device=guide.device)  # the bands read it through views
+    pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    # the bands read the (padded) coefficients through views and write gradients likewise
+    coef_now = torch.empty(b, 4, size[0] + 2 * pad, size[1] + 2 * pad, device=guide.device)
     grad = torch.empty_like(coef_now)
     bands = []
     for rows in _bands(grid, len(offsets), b):
         cells = grid.to_cells(guide, rows)
         mask = grid.valid_cells(rows, guide.device).to(guide.dtype)
-        bands.append((FitBand(grid, offsets, rows, coef_now, cells, guide_lr, target_lr, grad, cache),
+        bands.append((FitBand(grid, offsets, rows, pad, coef_now, cells, guide_lr, target_lr, grad, cache),
                       cells, mask))
     count = b * guide.shape[1] * guide.shape[-2] * guide.shape[-1]
     losses: list[float] = []
@@ -156,7 +158,7 @@ def _fit(guide_hr, lr_size, scale, steps, lr, init_sigma, init_sigma_r, truncate
         active = set(window(grid, reach, radius_max))
         total = 0.0
         with torch.no_grad():
-            coef_now.copy_(coef)
+            coef_now.copy_(pad_lr(coef, pad))
             grad.zero_()
             for band, cells, mask in bands:
                 shifts = [s for s in band.shifts if (s.dy, s.dx) in active]
@@ -166,7 +168,7 @@ def _fit(guide_hr, lr_size, scale, steps, lr, init_sigma, init_sigma_r, truncate
                 band.accumulate_grad(weights, shifts, diff.sign_().mul_(mask).div_(count))
         losses.append(total / count)
         opt.zero_grad(set_to_none=True)
-        coef.backward(grad)
+        coef.backward(grad[:, :, pad:pad + size[0], pad:pad + size[1]])
         opt.step()
         for group in opt.param_groups:
             group["lr"] *= decay
@@ -232,10 +234,12 @@ def _upsample(k: BilateralKernels, signal: torch.Tensor, out_dtype: torch.dtype,
     guide = k.guide.expand(b, -1, -1, -1) if k.guide.shape[0] < b else k.guide
     guide_lr = k.guide_lr.expand(b, -1, -1, -1) if k.guide_lr.shape[0] < b else k.guide_lr
     coef = coef.expand(b, -1, -1, -1) if coef.shape[0] < b else coef
+    pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    coef_padded = pad_lr(coef, pad)
     with torch.no_grad():
         for rows in _bands(grid, len(offsets), b):
             cells = grid.to_cells(guide, rows)
-            band = Band(grid, offsets, rows, coef, cells, guide_lr)
+            band = Band(grid, offsets, rows, pad, coef_padded, cells, guide_lr)
             ws = [w.to(acc_dtype) for w in band.weights(band.shifts)]
             y0, y1 = int(grid.y.start[rows[0]]), int(grid.y.start[rows[1]])
             # an accumulator and the ~3 copies of it that leave the cell layout stay in budget
