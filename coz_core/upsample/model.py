@@ -11,6 +11,15 @@ with the kernels, and the L1 error to the guide is minimised with Adam (lr 0.1, 
 exponential decay) over log sigma_x, log sigma_y, theta (through pi * tanh) and log sigma_r,
 initialised at 16, 16, 0 and 0.12. The range term compares each HR guide pixel with the LR
 guide (bilinear) at the neighbour's cell.
+
+Where this differs from the reference code, by design: neighbours off the LR grid are left
+out (the reference clamps them to the border, counting border cells several times); the
+window is the reference's largest (the disc of radius 8 cells), trimmed to 3 sigma of the
+widest kernel in HR pixels (the reference compares 2 sigma in HR pixels with a radius in LR
+cells, so it never trims below 8 cells at x4); any scale works, also non-integer and
+different per axis; the range terms are computed once per fit and the gradient is written by
+hand; the fit stops early once the loss stalls. At the reference's 224 x 224, x4 test the
+fitted reconstruction is slightly better than the reference's (40.9 vs 40.8 dB).
 """
 from __future__ import annotations
 
