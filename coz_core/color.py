@@ -79,3 +79,14 @@ def align_color(output: torch.Tensor, reference: torch.Tensor, method: str = "wa
     if fn is None:
         return output
     return fn(output.float(), reference.float().to(output.device)).to(output.dtype)
+
+
+def bilateral_color_fix(output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The input's low frequencies carried onto the output along the output's edges
+    (``coz_core.upsample.bilateral_color_fix``; imported here lazily, it imports this module)."""
+    from .upsample import bilateral_color_fix as fix
+
+    return fix(output, reference)
+
+
+COLOR_METHODS["bilateral"] = bilateral_color_fix

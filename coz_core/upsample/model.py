@@ -1,0 +1,329 @@
+"""Bilateral kernels on an LR grid, guided by an HR image: fitted (Upsample Anything) or fixed
+(classic joint bilateral upsampling), then applied to any signal on that grid.
+
+    kernels = fit_kernels(guide, lr_size=(h, w))          # test-time fit, ~50 Adam steps
+    depth_hr = kernels.apply(depth_lr)                    # reuse for every signal on the grid
+    mask_hr = kernels.apply(mask_lr, kind="mask")
+    feats_hr = guided_upsample(feats_lr, guide)           # one call: fit + apply
+
+The fit follows the paper: the guide is downsampled to the LR grid (bicubic), upsampled back
+with the kernels, and the L1 error to the guide is minimised with Adam (lr 0.1, the reference's
+exponential decay) over log sigma_x, log sigma_y, theta (through pi * tanh) and log sigma_r,
+initialised at 16, 16, 0 and 0.12. The range term compares each HR guide pixel with the LR
+guide (bilinear) at the neighbour's cell.
+
+Where this differs from the reference code, by design: neighbours off the LR grid are left
+out (the reference clamps them to the border, counting border cells several times); the
+window is the reference's largest (the disc of radius 8 cells), trimmed to 3 sigma of the
+widest kernel in HR pixels (the reference compares 2 sigma in HR pixels with a radius in LR
+cells, so it never trims below 8 cells at x4); any scale works, also non-integer and
+different per axis; the range terms are computed once per fit and the gradient is written by
+hand; the fit stops early once the loss stalls. At the reference's 224 x 224, x4 test the
+fitted reconstruction is slightly better than the reference's (40.9 vs 40.8 dB).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .grid import Grid
+from .kernel import Band, FitBand, coefficients, pad_lr, window
+
+KINDS = ("features", "latent", "depth", "mask", "probabilities")
+_MEMORY = 256 * 2**20  # bytes of weights held at once (one band of rows)
+_RANGE_CACHE = 1024 * 2**20  # bytes of range terms kept across fitting steps
+
+
+@dataclass
+class BilateralKernels:
+    """Per-cell kernel maps on an LR grid (each [B, h, w]; sigmas in HR pixels, theta in
+    radians) and the guide they belong to. ``apply`` upsamples any signal on that grid."""
+
+    sigma_x: torch.Tensor
+    sigma_y: torch.Tensor
+    theta: torch.Tensor
+    sigma_r: torch.Tensor
+    guide: torch.Tensor  # [B, Cg, H, W] float32
+    guide_lr: torch.Tensor  # [B, Cg, h, w] float32, the range term's reference colours
+    truncate: float = 3.0
+    radius_max: int = 8
+    losses: list[float] = field(default_factory=list)  # fitting loss per step (empty if fixed)
+
+    @property
+    def lr_size(self) -> tuple[int, int]:
+        return tuple(self.sigma_x.shape[-2:])
+
+    @property
+    def hr_size(self) -> tuple[int, int]:
+        return tuple(self.guide.shape[-2:])
+
+    @property
+    def grid(self) -> Grid:
+        return Grid.build(self.hr_size, self.lr_size)
+
+    def coefficients(self) -> torch.Tensor:
+        return coefficients(self.sigma_x, self.sigma_y, self.theta, self.sigma_r)
+
+    def offsets(self) -> list[tuple[int, int]]:
+        reach = self.truncate * float(torch.maximum(self.sigma_x, self.sigma_y).max())
+        return window(self.grid, reach, self.radius_max)
+
+    def apply(self, signal: torch.Tensor, kind: str = "features", out_dtype: torch.dtype | None = None,
+              channel_chunk: int = 64, accumulate_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Upsample ``signal`` [B, C, h, w] (B equal to the kernels' batch, or either of them 1)
+        to [B, C, H, W].
+
+        ``kind``: "features", "latent", "depth" keep their values and scale (each output is a
+        convex combination of input values); "mask" needs values in 0..1 and stays there;
+        "probabilities" needs channels summing to 1 and stays normalised.
+        ``out_dtype`` defaults to the signal's floating dtype. Channels are processed at most
+        ``channel_chunk`` at a time (fewer on large images, to bound memory) and accumulate in
+        ``accumulate_dtype``: by default float16 on CUDA (mixed precision; weights are always
+        computed in float32) when the signal's values fit, float32 otherwise.
+        """
+        signal = _check_signal(signal, kind, self)
+        b = max(signal.shape[0], self.guide.shape[0])
+        out_dtype = out_dtype or (signal.dtype if signal.is_floating_point() else torch.float32)
+        fold = self.guide.shape[0] == 1 and signal.shape[0] > 1  # one guide, many signals
+        if fold:
+            signal = signal.reshape(1, -1, *signal.shape[-2:])
+        elif signal.shape[0] == 1 and b > 1:
+            signal = signal.expand(b, -1, -1, -1)
+        device = self.guide.device
+        acc_dtype = accumulate_dtype or (
+            torch.float16 if device.type == "cuda" and _fits_half(signal) else torch.float32)
+        signal = signal.to(device)
+        out = _upsample(self, signal, out_dtype, acc_dtype, channel_chunk)
+        if fold:
+            out = out.reshape(b, -1, *out.shape[-2:])
+        return _finish(out, kind)
+
+    def to(self, device: torch.device | str) -> "BilateralKernels":
+        move = {k: getattr(self, k).to(device) for k in ("sigma_x", "sigma_y", "theta", "sigma_r",
+                                                            "guide", "guide_lr")}
+        return BilateralKernels(**move, truncate=self.truncate, radius_max=self.radius_max,
+                                losses=list(self.losses))
+
+
+def fit_kernels(guide_hr: torch.Tensor, lr_size: tuple[int, int] | None = None,
+                scale: float | tuple[float, float] | None = None, steps: int = 50, lr: float = 0.1,
+                init_sigma: float = 16.0, init_sigma_r: float = 0.12, truncate: float = 3.0,
+                radius_max: int = 8, tol: float = 1e-3, patience: int = 5) -> BilateralKernels:
+    """Fit per-cell kernels to ``guide_hr`` [B, Cg, H, W] on the LR grid ``lr_size`` (h, w), or
+    on (round(H / scale), round(W / scale)).
+
+    Up to ``steps`` Adam steps; stops early once the loss has improved by less than ``tol``
+    (relative) over the last ``patience`` steps. Guides of any channel count and value range
+    work; sigma_r is in guide units (0.12 suits 0..1 images).
+    """
+    # the small LR parameter maps go through autograd; ComfyUI runs nodes in inference mode
+    with torch.inference_mode(False), torch.enable_grad():
+        return _fit(guide_hr, lr_size, scale, steps, lr, init_sigma, init_sigma_r, truncate,
+                    radius_max, tol, patience)
+
+
+def _fit(guide_hr, lr_size, scale, steps, lr, init_sigma, init_sigma_r, truncate, radius_max,
+         tol, patience) -> BilateralKernels:
+    guide = _check_guide(guide_hr)
+    if guide.is_inference():  # made under inference mode: a normal copy
+        guide = guide.clone()
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    size = _lr_size(guide, lr_size, scale)
+    grid = Grid.build(guide.shape[-2:], size)
+    target_lr = F.interpolate(guide, size=size, mode="bicubic", align_corners=False)
+    guide_lr = _range_guide(guide, size)
+    b = guide.shape[0]
+    raw = torch.stack([
+        torch.full((b, *size), math.log(init_sigma)),
+        torch.full((b, *size), math.log(init_sigma)),
+        torch.zeros(b, *size),
+        torch.full((b, *size), math.log(init_sigma_r)),
+    ], 1).to(guide.device).requires_grad_(True)
+    opt = torch.optim.Adam([raw], lr=lr)
+    decay = (1e-9 / 1e-1) ** (1.0 / 5100)  # the reference's schedule: 0.1 -> 1e-9 over 5100 steps
+
+    offsets = window(grid, math.inf, radius_max)  # each step uses the part its sigmas reach
+    cache = b * len(offsets) * guide.shape[-2] * guide.shape[-1] * 4 <= _RANGE_CACHE
+    pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    # the bands read the (padded) coefficients through views and write gradients likewise
+    coef_now = torch.empty(b, 4, size[0] + 2 * pad, size[1] + 2 * pad, device=guide.device)
+    grad = torch.empty_like(coef_now)
+    bands = []
+    for rows in _bands(grid, len(offsets), b):
+        cells = grid.to_cells(guide, rows)
+        mask = grid.valid_cells(rows, guide.device).to(guide.dtype)
+        bands.append((FitBand(grid, offsets, rows, pad, coef_now, cells, guide_lr, target_lr, grad, cache),
+                      cells, mask))
+    count = b * guide.shape[1] * guide.shape[-2] * guide.shape[-1]
+    losses: list[float] = []
+    for _ in range(steps):
+        sx, sy, theta, sr = _maps(raw)
+        coef = coefficients(sx, sy, theta, sr)
+        reach = truncate * float(torch.maximum(sx, sy).detach().max())
+        active = set(window(grid, reach, radius_max))
+        total = 0.0
+        with torch.no_grad():
+            coef_now.copy_(pad_lr(coef, pad))
+            grad.zero_()
+            for band, cells, mask in bands:
+                shifts = [s for s in band.shifts if (s.dy, s.dx) in active]
+                weights, out = band.forward(shifts)
+                diff = (out - cells).mul_(mask)
+                total += float(diff.abs().sum())
+                band.accumulate_grad(weights, shifts, diff.sign_().mul_(mask).div_(count))
+        losses.append(total / count)
+        opt.zero_grad(set_to_none=True)
+        coef.backward(grad[:, :, pad:pad + size[0], pad:pad + size[1]])
+        opt.step()
+        for group in opt.param_groups:
+            group["lr"] *= decay
+        if len(losses) > patience and losses[-1] >= losses[-1 - patience] * (1.0 - tol):
+            break
+    sx, sy, theta, sr = (m.detach() for m in _maps(raw))
+    return BilateralKernels(sx, sy, theta, sr, guide, guide_lr, truncate, radius_max, losses)
+
+
+def fixed_kernels(guide_hr: torch.Tensor, lr_size: tuple[int, int] | None = None,
+                  scale: float | tuple[float, float] | None = None, sigma_spatial: float | None = None,
+                  sigma_range: float = 0.1, truncate: float = 3.0, radius_max: int = 8) -> BilateralKernels:
+    """Classic joint bilateral upsampling: the same isotropic kernel in every cell, no fitting.
+    ``sigma_spatial`` is in HR pixels (default: one LR cell, the larger of the two scales);
+    ``sigma_range`` in guide units."""
+    guide = _check_guide(guide_hr)
+    size = _lr_size(guide, lr_size, scale)
+    if sigma_spatial is None:
+        sigma_spatial = max(guide.shape[-2] / size[0], guide.shape[-1] / size[1])
+    if not sigma_spatial > 0 or not sigma_range > 0:
+        raise ValueError(f"sigmas must be positive, got spatial {sigma_spatial}, range {sigma_range}")
+    full = lambda v: torch.full((guide.shape[0], *size), float(v), device=guide.device)  # noqa: E731
+    return BilateralKernels(full(sigma_spatial), full(sigma_spatial), full(0.0), full(sigma_range),
+                            guide, _range_guide(guide, size), truncate, radius_max)
+
+
+def guided_upsample(signal_lr: torch.Tensor, guide_hr: torch.Tensor, mode: str = "learned",
+                    kind: str = "features", **options) -> torch.Tensor:
+    """Upsample ``signal_lr`` [B, C, h, w] to the size of ``guide_hr`` [B, Cg, H, W] along the
+    guide's edges. ``mode``: "learned" (``fit_kernels``) or "fixed" (``fixed_kernels``);
+    ``options`` go to that function."""
+    if mode not in ("learned", "fixed"):
+        raise ValueError(f"unknown mode {mode!r}; choose 'learned' or 'fixed'")
+    if signal_lr.ndim != 4:
+        raise ValueError(f"expected a signal [B, C, h, w], got shape {tuple(signal_lr.shape)}")
+    make = fit_kernels if mode == "learned" else fixed_kernels
+    return make(guide_hr, lr_size=tuple(signal_lr.shape[-2:]), **options).apply(signal_lr, kind=kind)
+
+
+# --- internals -------------------------------------------------------------------------------
+
+def _maps(raw: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return raw[:, 0].exp(), raw[:, 1].exp(), math.pi * torch.tanh(raw[:, 2]), raw[:, 3].exp()
+
+
+def _range_guide(guide: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(guide, size=size, mode="bilinear", align_corners=False)
+
+
+def _bands(grid: Grid, n_offsets: int, batch: int) -> list[tuple[int, int]]:
+    """Split the LR rows so one band's weights stay within the memory budget."""
+    row_bytes = batch * n_offsets * grid.y.width * grid.x.lr * grid.x.width * 4
+    per_band = max(1, _MEMORY // max(row_bytes, 1))
+    return [(lo, min(lo + per_band, grid.y.lr)) for lo in range(0, grid.y.lr, per_band)]
+
+
+def _upsample(k: BilateralKernels, signal: torch.Tensor, out_dtype: torch.dtype,
+              acc_dtype: torch.dtype, channel_chunk: int) -> torch.Tensor:
+    grid, coef = k.grid, k.coefficients()
+    offsets = k.offsets()
+    b, c = signal.shape[:2]
+    out = torch.empty(b, c, *k.hr_size, dtype=out_dtype, device=signal.device)
+    guide = k.guide.expand(b, -1, -1, -1) if k.guide.shape[0] < b else k.guide
+    guide_lr = k.guide_lr.expand(b, -1, -1, -1) if k.guide_lr.shape[0] < b else k.guide_lr
+    coef = coef.expand(b, -1, -1, -1) if coef.shape[0] < b else coef
+    pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    coef_padded = pad_lr(coef, pad)
+    with torch.no_grad():
+        for rows in _bands(grid, len(offsets), b):
+            cells = grid.to_cells(guide, rows)
+            band = Band(grid, offsets, rows, pad, coef_padded, cells, guide_lr)
+            ws = [w.to(acc_dtype) for w in band.weights(band.shifts)]
+            y0, y1 = int(grid.y.start[rows[0]]), int(grid.y.start[rows[1]])
+            # an accumulator and the ~3 copies of it that leave the cell layout stay in budget
+            chunk = max(1, min(channel_chunk, _MEMORY // (16 * b * cells[0, 0].numel())))
+            for c0 in range(0, c, chunk):
+                part = signal[:, c0:c0 + chunk].to(acc_dtype)
+                acc = torch.zeros(b, part.shape[1], *cells.shape[2:], dtype=acc_dtype, device=signal.device)
+                band.weighted_sum(ws, band.shifts, part, acc)
+                out[:, c0:c0 + chunk, y0:y1] = grid.from_cells(acc, rows).to(out_dtype)
+    return out
+
+
+def _fits_half(signal: torch.Tensor) -> bool:
+    return float(signal.abs().max()) < 3e4
+
+
+def _finish(out: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "mask":
+        return out.clamp_(0, 1)
+    if kind == "probabilities":
+        out = out.clamp_(min=0)
+        return out / out.sum(1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
+    return out
+
+
+def _check_guide(guide: torch.Tensor) -> torch.Tensor:
+    if not isinstance(guide, torch.Tensor) or guide.ndim != 4:
+        shape = tuple(guide.shape) if isinstance(guide, torch.Tensor) else type(guide).__name__
+        raise ValueError(f"expected a guide image [B, C, H, W], got {shape}")
+    if guide.numel() == 0:
+        raise ValueError(f"the guide is empty: shape {tuple(guide.shape)}")
+    guide = guide.float()
+    if not torch.isfinite(guide).all():
+        raise ValueError("the guide contains NaN or infinite values; clean it (e.g. torch.nan_to_num) first")
+    return guide
+
+
+def _lr_size(guide: torch.Tensor, lr_size, scale) -> tuple[int, int]:
+    hr = guide.shape[-2:]
+    if (lr_size is None) == (scale is None):
+        raise ValueError("give exactly one of lr_size=(h, w) or scale (a number or (sy, sx))")
+    if lr_size is None:
+        sy, sx = (scale, scale) if isinstance(scale, (int, float)) else scale
+        if not (sy >= 1 and sx >= 1):
+            raise ValueError(f"scale must be >= 1 (this is an upsampler), got {scale}")
+        lr_size = (max(1, round(hr[0] / sy)), max(1, round(hr[1] / sx)))
+    h, w = (int(v) for v in lr_size)
+    if h < 1 or w < 1:
+        raise ValueError(f"low-res size must be positive, got {lr_size}")
+    if h > hr[0] or w > hr[1]:
+        raise ValueError(f"low-res size {(h, w)} is larger than the guide {tuple(hr)}: scale must be >= 1")
+    return h, w
+
+
+def _check_signal(signal: torch.Tensor, kind: str, k: BilateralKernels) -> torch.Tensor:
+    if kind not in KINDS:
+        raise ValueError(f"unknown signal kind {kind!r}; choose one of {KINDS}")
+    if not isinstance(signal, torch.Tensor) or signal.ndim != 4:
+        shape = tuple(signal.shape) if isinstance(signal, torch.Tensor) else type(signal).__name__
+        raise ValueError(f"expected a signal [B, C, h, w] (a mask [B, h, w] needs [:, None]), got {shape}")
+    if signal.numel() == 0:
+        raise ValueError(f"the signal is empty: shape {tuple(signal.shape)}")
+    if tuple(signal.shape[-2:]) != k.lr_size:
+        raise ValueError(f"signal size {tuple(signal.shape[-2:])} does not match the kernels' low-res "
+                         f"grid {k.lr_size}; fit the kernels with lr_size={tuple(signal.shape[-2:])}")
+    bs, bk = signal.shape[0], k.guide.shape[0]
+    if bs != bk and 1 not in (bs, bk):
+        raise ValueError(f"signal batch {bs} and guide batch {bk} differ; use equal batches or one of them 1")
+    if not torch.isfinite(signal).all():
+        raise ValueError("the signal contains NaN or infinite values; clean it (e.g. torch.nan_to_num) first")
+    if kind == "mask" and (signal.min() < 0 or signal.max() > 1):
+        raise ValueError(f"a mask must lie in 0..1, got {float(signal.min()):.4g}..{float(signal.max()):.4g}")
+    if kind == "probabilities":
+        sums = signal.float().sum(1)
+        if signal.min() < 0 or not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
+            raise ValueError("probabilities must be non-negative and sum to 1 over channels "
+                             "(apply softmax over dim 1 first)")
+    return signal
