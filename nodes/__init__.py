@@ -2,12 +2,12 @@
 
 Only nodes/host.py touches ComfyUI; everything here also imports and runs without it.
 """
-from . import chain, host, loop, sd3, steps, upscalers, vlm
+from . import chain, host, loop, sd3, steps, upsample, upscalers, vlm
 
 host.register_folders()
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
-for _family in (sd3, vlm, upscalers, steps, loop, chain):
+for _family in (sd3, vlm, upscalers, steps, upsample, loop, chain):
     NODE_CLASS_MAPPINGS.update(_family.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_family.NODE_DISPLAY_NAME_MAPPINGS)

@@ -245,6 +245,7 @@ RUN_SETTINGS = {
     "01_offline_zoom_realesrgan": {"3": {"width": 64, "height": 64, "steps": 2}},
     "02_coz_loop": {"2": TINY_SD3, "3": TINY_VLM, "4": {"width": 64, "height": 64, "steps": 2}},
     "03_coz_all_in_one": {"2": TINY_SD3, "3": TINY_VLM, "4": {"width": 64, "height": 64, "steps": 2}},
+    "04_bilateral_mask_zoom": {"4": {"width": 64, "height": 64, "steps": 2}, "7": {"fit_steps": 5}},
 }
 
 

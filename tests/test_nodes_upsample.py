@@ -1,0 +1,35 @@
+"""Bilateral Upsampler node: image, mask and latent inputs, fixed and learned kernels, and the
+learned fit under inference mode (ComfyUI runs nodes in it)."""
+import torch
+
+from node_fixtures import bhwc, load_pack
+
+pack = load_pack()
+from coz_pack.coz_core.upsample import guided_upsample  # noqa: E402
+
+from test_nodes import photo  # noqa: E402
+
+NODE = pack.NODE_CLASS_MAPPINGS["CoZBilateralUpsampler"]
+
+
+def test_fixed_kernels_equal_coz_core_for_every_input():
+    guide = photo(h=32, w=32)
+    low = photo(h=8, w=8, seed=4)
+    mask = torch.rand(1, 8, 8)
+    latent = {"samples": torch.randn(1, 4, 2, 2), "batch_index": [0]}
+    image, up_mask, up_latent = NODE().upsample(bhwc(guide), "fixed", 10, image=bhwc(low), mask=mask, latent=latent)
+    assert torch.allclose(image, bhwc(guided_upsample(low, guide, "fixed").clamp(0, 1)), atol=1e-6)
+    ref_mask = guided_upsample(mask[:, None], guide, "fixed", kind="mask")[:, 0]
+    assert torch.allclose(up_mask, ref_mask, atol=1e-6) and up_mask.shape == (1, 32, 32)
+    assert up_latent["samples"].shape == (1, 4, 4, 4) and up_latent["batch_index"] == [0]
+    assert NODE().upsample(bhwc(guide), "fixed", 10) == (None, None, None)
+
+
+def test_learned_kernels_fit_under_inference_mode():
+    guide = photo(h=24, w=24)
+    mask = torch.zeros(1, 6, 6)
+    mask[..., :3] = 1  # left half
+    with torch.inference_mode():
+        _, learned, _ = NODE().upsample(bhwc(guide), "learned", 3, mask=mask)
+    assert learned.shape == (1, 24, 24) and 0 <= float(learned.min()) and float(learned.max()) <= 1
+    assert not torch.allclose(learned, NODE().upsample(bhwc(guide), "fixed", 3, mask=mask)[1])
