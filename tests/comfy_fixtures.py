@@ -124,3 +124,19 @@ class ComfyServer:
 
 def output_files(entry: dict, node_id: str) -> list[str]:
     return [i["filename"] for i in entry["outputs"].get(node_id, {}).get("images", [])]
+
+
+def loop_prompt(steps: int, size: int, zoom: float = 2.0) -> dict:
+    """Load Image -> Zoom Loop Start -> ComfyUI's Image Sharpen -> Zoom Loop End -> Preview."""
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": SAMPLE_NAME}},
+        "2": {"class_type": "CoZZoomLoopStart", "inputs": {
+            "image": ["1", 0], "steps": steps, "zoom": zoom, "width": size, "height": size,
+            "center_x": 0.5, "center_y": 0.5}},
+        "3": {"class_type": "ImageSharpen", "inputs": {"image": ["2", 2], "sharpen_radius": 1, "sigma": 1.0,
+                                                       "alpha": 0.5}},
+        "4": {"class_type": "CoZZoomLoopEnd", "inputs": {"loop": ["2", 0], "image": ["3", 0]}},
+        "5": {"class_type": "ImageScale", "inputs": {"image": ["4", 1], "upscale_method": "nearest-exact",
+                                                     "width": 32, "height": 32, "crop": "disabled"}},
+        "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}},
+    }

@@ -5,6 +5,7 @@ workflows in the real frontend (headless Chromium)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import urllib.request
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from comfy_fixtures import COMFYUI_PATH, COMFYUI_PYTHON, ROOT, SAMPLE_NAME, ComfyServer, make_base_dir, output_files
+from comfy_fixtures import (COMFYUI_PATH, COMFYUI_PYTHON, ROOT, SAMPLE_NAME, ComfyServer, loop_prompt,
+                            make_base_dir, output_files)
 from node_fixtures import load_pack
 
 pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout")
@@ -31,22 +33,6 @@ def server(base):
     s = ComfyServer(base)
     yield s
     s.stop()
-
-
-def loop_prompt(steps: int, size: int, zoom: float = 2.0) -> dict:
-    """Load Image -> Zoom Loop Start -> ComfyUI's Image Sharpen -> Zoom Loop End -> Preview."""
-    return {
-        "1": {"class_type": "LoadImage", "inputs": {"image": SAMPLE_NAME}},
-        "2": {"class_type": "CoZZoomLoopStart", "inputs": {
-            "image": ["1", 0], "steps": steps, "zoom": zoom, "width": size, "height": size,
-            "center_x": 0.5, "center_y": 0.5}},
-        "3": {"class_type": "ImageSharpen", "inputs": {"image": ["2", 2], "sharpen_radius": 1, "sigma": 1.0,
-                                                       "alpha": 0.5}},
-        "4": {"class_type": "CoZZoomLoopEnd", "inputs": {"loop": ["2", 0], "image": ["3", 0]}},
-        "5": {"class_type": "ImageScale", "inputs": {"image": ["4", 1], "upscale_method": "nearest-exact",
-                                                     "width": 32, "height": 32, "crop": "disabled"}},
-        "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}},
-    }
 
 
 def test_every_node_is_registered_with_its_types(server):
@@ -204,6 +190,23 @@ def test_sd3_model_under_comfy_model_management(server, base, tiny_sd3):
     entry = server.run(prompt)
     assert len(entry["outputs"]["7"]["images"]) == 3 and len(entry["outputs"]["9"]["images"]) == 3
     assert "Requested to load" in server.log.read_text()  # ComfyUI's model management loaded it
+
+
+@pytest.mark.parametrize("cache", ["classic", "lru:10"])
+def test_loop_cache_holds_exactly_what_it_must(base, cache):
+    """In ComfyUI's own executor, the bytes its output cache holds grow per loop iteration by the
+    new scale, Image Sharpen's input (the zoomed input: ComfyUI keeps every node's outputs) and the
+    scale's slice of the output batch: 3 images. The loop's own state adds nothing."""
+    size = 256
+    out = subprocess.run([COMFYUI_PYTHON, str(Path(__file__).parent / "comfy_cache_probe.py"), cache, "2", "10"],
+                         cwd=COMFYUI_PATH, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "COZ_PACK": str(ROOT), "COZ_INPUT": str(base / "input"),
+                              "COZ_SIZE": str(size)})
+    assert out.returncode == 0, out.stderr[-4000:]
+    held = json.loads(out.stdout.strip().splitlines()[-1])
+    per_iteration = (held["10"] - held["2"]) / 8 / (size * size * 3 * 4)
+    print(f"\n[{cache}] cache growth per loop iteration: {per_iteration:.3f} scales of {size}x{size}")
+    assert per_iteration == pytest.approx(3.0, abs=0.05)
 
 
 def chain_prompt(steps: int, size: int) -> dict:
