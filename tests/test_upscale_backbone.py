@@ -143,8 +143,10 @@ def test_other_files_are_refused(tmp_path):
         load_upscale_state_dict(tmp_path / "esrgan_old.safetensors")
     torch.save({"params": {"conv_first.weight": torch.zeros(1)}, "net": torch.nn.Conv2d(1, 1, 1)},
                tmp_path / "pickled_module.pth")
-    with pytest.raises(ValueError, match="weights_only"):
+    with pytest.raises(ValueError, match="refused to load"):
         load_upscale_state_dict(tmp_path / "pickled_module.pth")
+    with pytest.raises(ValueError, match="no such file"):
+        load_upscale_state_dict(tmp_path / "missing.pth")
 
 
 # --- the backbone ----------------------------------------------------------------------------

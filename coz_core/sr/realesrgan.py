@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints import is_safetensors, load_weights
 from .ncnn import NcnnModel, read_ncnn
 from .rrdbnet import ARCHITECTURES, UnsupportedArchitecture, build_from_state_dict, unwrap_state_dict
 from .upscale import UpscaleModelBackbone
@@ -257,25 +258,11 @@ def load_upscale_state_dict(path: str | Path) -> nn.Module:
     keys and shapes. The module is float32 on the CPU, in eval mode; ``module.scale`` is its factor.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"upscale model not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    elif suffix in (".pth", ".pt", ".ckpt", ".bin"):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(
-                f"{path} could not be read as a plain tensor checkpoint (torch.load weights_only): "
-                f"{exc}. Convert it to .safetensors with a tool you trust."
-            ) from exc
-        if not isinstance(state, dict):
-            raise ValueError(f"{path} holds a {type(state).__name__}, expected a state dict")
-    else:
-        raise ValueError(f"{path}: unknown upscale model format {suffix!r}; use .safetensors or .pth")
+    if not (is_safetensors(path) or path.suffix.lower() in (".pth", ".pt", ".ckpt", ".bin")):
+        raise ValueError(f"{path}: unknown upscale model format {path.suffix!r}; use .safetensors or .pth")
+    state = load_weights(path)  # safetensors, or torch.load(weights_only=True): never arbitrary code
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, expected a state dict")
     try:
         return build_from_state_dict(unwrap_state_dict(state))
     except (UnsupportedArchitecture, RuntimeError) as exc:
