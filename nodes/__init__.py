@@ -2,9 +2,12 @@
 
 Only nodes/host.py touches ComfyUI; everything here also imports and runs without it.
 """
+from pathlib import Path
+
 from . import chain, host, loop, sd3, steps, upsample, upscalers, vlm
 
 host.register_folders()
+host.install_sample_image(Path(__file__).resolve().parent.parent / "coz_core" / "data" / "sample.png")
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -219,6 +219,24 @@ def register_folders() -> None:
             _folders.add_model_folder_path(name, str(Path(_folders.models_dir) / sub), is_default=True)
 
 
+SAMPLE_IMAGE_NAME = "coz_sample.png"  # what the shipped workflows' Load Image nodes open
+
+
+def install_sample_image(sample: Path) -> Path | None:
+    """Copy the bundled sample into ComfyUI's input folder once, so the example workflows run as
+    loaded. Never overwrites; returns the path, or None outside ComfyUI or when it cannot write."""
+    if not IN_COMFY:
+        return None
+    target = Path(_folders.get_input_directory()) / SAMPLE_IMAGE_NAME
+    if not target.exists():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(sample.read_bytes())
+        except OSError:
+            return None
+    return target
+
+
 def folder_paths(name: str) -> list[Path]:
     """Every directory of the model folder ``name`` (a key of :data:`FOLDERS`)."""
     if IN_COMFY:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -33,13 +32,12 @@ def free_port() -> int:
 
 
 def make_base_dir(base: Path) -> Path:
-    """custom_nodes/<pack> -> this repo, input/coz_sample.png, empty models/."""
+    """custom_nodes/<pack> -> this repo, an empty input/ (the pack puts its sample there), empty models/."""
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     link = base / "custom_nodes" / "comfyui-chain-of-zoom"
     if not link.exists():
         link.symlink_to(ROOT, target_is_directory=True)
     (base / "input").mkdir(exist_ok=True)
-    shutil.copy(ROOT / "coz_core" / "data" / "sample.png", base / "input" / SAMPLE_NAME)
     (base / "models").mkdir(exist_ok=True)
     return base
 
