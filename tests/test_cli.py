@@ -3,6 +3,7 @@ backbone end to end is in test_default_chain.py)."""
 import json
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -92,3 +93,22 @@ def test_step_prompts_without_a_model(tmp_path):
                  "--quiet", "-o", str(tmp_path)]) == 0
     manifest = json.loads((tmp_path / "sample" / "manifest.json").read_text())
     assert [s["prompts"] for s in manifest["steps"][1:]] == [["a"], ["b"], ["b"]]
+
+
+def test_coz_convert_writes_loadable_safetensors(tmp_path, tmp_path_factory, capsys):
+    from safetensors.torch import load_file
+
+    from coz_core.convert_cli import main as convert
+    from coz_core.checkpoints import load_pickle_safely
+    from tests.sd3_fixtures import shared_tiny_sd3
+
+    tiny = shared_tiny_sd3(tmp_path_factory)
+    assert convert(["--lora", str(tiny.lora_pkl), "--vae", str(tiny.vae_pt), "-o", str(tmp_path)]) == 0
+    lora = load_file(str(tmp_path / f"{tiny.lora_pkl.stem}.safetensors"))
+    assert len(lora) == len(tiny.lora_list)
+    vae = load_file(str(tmp_path / f"{tiny.vae_pt.stem}.safetensors"))
+    original = load_pickle_safely(tiny.vae_pt)
+    assert vae.keys() == original.keys() and all(torch.equal(vae[k], original[k]) for k in vae)
+    (tmp_path / "junk.pkl").write_bytes(b"not a pickle")
+    assert convert(["--lora", str(tmp_path / "junk.pkl"), "-o", str(tmp_path)]) == 2
+    assert "junk.pkl" in capsys.readouterr().err
