@@ -21,7 +21,7 @@ from .color import COLOR_METHODS
 from .device import default_device, parse_dtype
 from .imageops import IMAGE_SUFFIXES, load_image, resize, save_image
 from .prompt.base import FixedPrompts
-from .zoom import MODES, ChainConfig, ChainResult, run_chain
+from .zoom import MODES, ChainConfig, ChainResult, ZoomStep, run_chain
 
 
 # Where the chain zooms on the sample when no --center is given: the mission patch on the suit.
@@ -234,12 +234,20 @@ def main(argv: list[str] | None = None) -> int:
             failures += 1
             continue
         bar = tqdm(total=config.steps + 1, desc=path.name, unit="scale", disable=args.quiet)
+        done: list[ZoomStep] = []
         t0 = time.perf_counter()
-        result = run_chain(image, backbone, config, prompts, on_step=lambda s: bar.update(1))
+        try:
+            result = run_chain(image, backbone, config, prompts, on_step=lambda s: (done.append(s), bar.update(1)))
+        except KeyboardInterrupt:  # Ctrl-C: keep the scales already made
+            result = ChainResult(done, config, (image.shape[-1], image.shape[-2]), cancelled=True)
         bar.close()
         name = backbone.name if backbone is not None else config.mode
         out = args.output / path.stem
-        write_outputs(result, out, path, name, {"seconds_total": time.perf_counter() - t0})
+        if result.steps:
+            write_outputs(result, out, path, name, {"seconds_total": time.perf_counter() - t0})
+        if result.cancelled:
+            print(f"coz-zoom: interrupted; {len(result.steps)} scales of {path.name} kept in {out}", file=sys.stderr)
+            return 130
         print(f"{path.name}: {len(result.steps) - 1} steps, {result.zoom_of(result.steps[-1]):g}x -> {out}")
     return 1 if failures else 0
 

@@ -112,3 +112,25 @@ def test_coz_convert_writes_loadable_safetensors(tmp_path, tmp_path_factory, cap
     (tmp_path / "junk.pkl").write_bytes(b"not a pickle")
     assert convert(["--lora", str(tmp_path / "junk.pkl"), "-o", str(tmp_path)]) == 2
     assert "junk.pkl" in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_the_scales_already_made(tmp_path, monkeypatch, capsys):
+    import coz_core.cli as cli
+    from coz_core.imageops import resize
+
+    class InterruptedAtStep2:
+        name, size_multiple, uses_prompt = "interrupted", 1, False
+        calls = 0
+
+        def __call__(self, request):
+            self.calls += 1
+            if self.calls == 2:
+                raise KeyboardInterrupt
+            return resize(request.region, request.size, "bicubic").clamp(0, 1)
+
+    monkeypatch.setattr(cli, "build_backbone", lambda *a: InterruptedAtStep2())
+    assert main(["--size", "64", "--steps", "4", "--quiet", "-o", str(tmp_path)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    manifest = json.loads((tmp_path / "sample" / "manifest.json").read_text())
+    assert manifest["cancelled"] is True and len(manifest["steps"]) == 2
+    assert (tmp_path / "sample" / "scale_1.png").is_file() and not (tmp_path / "sample" / "scale_2.png").exists()
