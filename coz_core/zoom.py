@@ -228,14 +228,20 @@ def prepare_input(image: torch.Tensor) -> torch.Tensor:
     return image.clamp(0, 1)
 
 
-def scale_zero(image: torch.Tensor, size: tuple[int, int], center: tuple[float, float]) -> tuple[torch.Tensor, Box, CropBox]:
-    """Scale 0 of ``image`` [B, 3, H, W]: resized (Lanczos) to cover ``size`` = (w, h) and cropped."""
+def scale_zero(
+    image: torch.Tensor, size: tuple[int, int], center: tuple[float, float]
+) -> tuple[torch.Tensor, Box, tuple[float, float]]:
+    """Scale 0 of ``image`` [B, 3, H, W]: resized (Lanczos) to cover ``size`` = (w, h) and cropped.
+
+    Returns it with the region of the input it shows and the zoom target in its coordinates
+    (0..1; the target moves off the centre when the crop was clamped at the image's edge).
+    """
     in_w, in_h = image.shape[-1], image.shape[-2]
     (rw, rh), box = initial_plan((in_w, in_h), size, center)
     resized = resize(image, (rh, rw), "lanczos").clamp(0, 1)
     sx, sy = in_w / rw, in_h / rh
     region = Box(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-    return crop(resized, box).contiguous(), region, box
+    return crop(resized, box).contiguous(), region, center_in_crop(center, box, (rw, rh))
 
 
 def run_chain(
@@ -258,13 +264,10 @@ def run_chain(
     source = prompt_source or FixedPrompts("")
 
     t0 = time.perf_counter()
-    first, region, _ = scale_zero(image, config.size, config.center)
+    first, region, target = scale_zero(image, config.size, config.center)
     steps = [ZoomStep(0, first, None, [], region, None, {"total": time.perf_counter() - t0})]
     if on_step:
         on_step(steps[0])
-    # the zoom target in the coordinates of scale 0 (it moves when the scale-0 crop was clamped)
-    (rw, rh), box0 = initial_plan((in_w, in_h), config.size, config.center)
-    target = center_in_crop(config.center, box0, (rw, rh))
     size_wh = config.size
 
     cancelled = False

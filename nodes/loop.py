@@ -77,10 +77,8 @@ class ZoomLoopStart:
         size = (int(width), int(height))
         if state is None:  # the first iteration: scale 0
             picture = prepare_input(image_in(image))
-            first, _, box0 = scale_zero(picture, size, (center_x, center_y))
-            resized, _ = initial_plan((picture.shape[-1], picture.shape[-2]), size, (center_x, center_y))
-            target = center_in_crop((center_x, center_y), box0, resized)
-            masks = None if mask is None else (mask_zero(mask, picture, resized, box0),)
+            first, _, target = scale_zero(picture, size, (center_x, center_y))
+            masks = None if mask is None else (mask_zero(mask, picture, size, (center_x, center_y)),)
             state = ZoomLoopState(unique_id, int(steps), size, 1, target, (image_out(first),), (), masks)
         previous = state.scales[-1]
         box = zoom_box(size, zoom, state.target)
@@ -189,13 +187,15 @@ class ZoomLoopEnd:
         return graph, tuple([end, i] for i in range(len(self.RETURN_TYPES)))
 
 
-def mask_zero(mask: torch.Tensor, picture: torch.Tensor, resized: tuple[int, int], box) -> torch.Tensor:
+def mask_zero(mask: torch.Tensor, picture: torch.Tensor, size: tuple[int, int],
+              center: tuple[float, float]) -> torch.Tensor:
     """Scale 0 of a MASK [B, H, W] of the input image: resized like the image (Lanczos) and cropped."""
     mask = mask.unsqueeze(0) if mask.ndim == 2 else mask
     if tuple(mask.shape[-2:]) != tuple(picture.shape[-2:]):
         raise ValueError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} but the image is "
                          f"{picture.shape[-1]}x{picture.shape[-2]}; give a mask of the image's size")
     mask = fit_mask(mask, picture.shape[0], tuple(mask.shape[-2:]))
+    resized, box = initial_plan((picture.shape[-1], picture.shape[-2]), size, center)
     scaled = resize(mask.float(), (resized[1], resized[0]), "lanczos").clamp(0, 1)
     return crop(scaled, box).contiguous()
 
