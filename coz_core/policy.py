@@ -1,0 +1,147 @@
+"""One policy for where models run and in what precision, shared by the CLI and the nodes.
+
+Every face (``coz-zoom``, the ComfyUI nodes, scripts) asks this module; none re-decides. The
+host adapter (nodes/host.py) only supplies the device ComfyUI picked.
+
+- ``auto`` precision: bfloat16 on CUDA GPUs that support it (float16 on older ones), float16 on
+  Apple's MPS, bfloat16 on CPUs with native bf16 (2.5x to 5x faster than float32 there and
+  visually identical), else float32.
+- SD3 presets name one dtype per component (transformer, VAE, CLIP-L/G, T5).
+- Tiles: one default size and overlap for every tiled model run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Upscale models run in tiles of at most TILE x TILE input pixels, each with TILE_OVERLAP pixels of
+# context on every side (64 keeps Real-ESRGAN x4plus within ~1e-3 of the untiled result).
+TILE = 512
+TILE_OVERLAP = 64
+
+# New tokens per VLM prompt: the chain's (upstream's current value; the first release used 128).
+VLM_TOKENS = 32
+
+
+# --- devices -------------------------------------------------------------------------------
+
+def default_device() -> torch.device:
+    """The first CUDA device when there is one, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    if _mps_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def parse_device(name: str | torch.device | None) -> torch.device:
+    """A device name (``cpu``, ``cuda``, ``cuda:1``, ``mps``; None: :func:`default_device`),
+    checked against what this torch build and machine offer."""
+    if name is None or isinstance(name, torch.device):
+        return name or default_device()
+    try:
+        device = torch.device(str(name).strip())
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no visible CUDA GPU"
+            raise ValueError(f"device {name!r} is not available here ({build}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+    elif device.type == "mps" and not _mps_available():
+        raise ValueError(f"device {name!r} is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {name!r}; use cpu, cuda, cuda:N or mps")
+    return device
+
+
+# --- precision -----------------------------------------------------------------------------
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bfloat16 natively (AVX512-BF16 / AMX / ARM BF16)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def auto_dtype(device: torch.device, half_ok: bool = True, bf16_ok: bool = True) -> torch.dtype:
+    """What ``auto`` precision means on ``device`` for a model that allows float16 (``half_ok``)
+    and bfloat16 (``bf16_ok``); e.g. spandrel's ``supports_half`` / ``supports_bfloat16``."""
+    if device.type == "cuda":
+        if bf16_ok and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16 if half_ok else torch.float32
+    if device.type == "mps":
+        return torch.float16 if half_ok else torch.float32
+    if bf16_ok and cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_dtype(precision: str | torch.dtype | None, device: torch.device,
+                  half_ok: bool = True, bf16_ok: bool = True) -> torch.dtype:
+    """``auto`` / None -> :func:`auto_dtype`; ``fp32`` / ``fp16`` / ``bf16`` (or a dtype) as given."""
+    if isinstance(precision, torch.dtype):
+        return precision
+    if precision is None or precision == "auto":
+        return auto_dtype(device, half_ok, bf16_ok)
+    if precision not in DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return DTYPES[precision]
+
+
+def warn_slow_precision(dtype: torch.dtype, device: torch.device) -> str | None:
+    """A warning when ``dtype`` is known to be much slower than the default on ``device``."""
+    if device.type == "cpu" and dtype == torch.float16:
+        return "float16 on the CPU is about 10x slower than bf16 or fp32 here; use --precision auto"
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bf16():
+        return "this CPU has no native bfloat16: bf16 is emulated and slow; use --precision auto (fp32)"
+    return None
+
+
+# --- SD3 presets ---------------------------------------------------------------------------
+
+SD3_PRESETS = PRECISIONS
+
+
+@dataclass(frozen=True)
+class SD3Dtypes:
+    """One dtype per SD3 component (storage and compute)."""
+
+    transformer: torch.dtype
+    vae: torch.dtype
+    text: torch.dtype  # CLIP-L and CLIP-G
+    t5: torch.dtype  # T5-XXL compute dtype (float16 overflows in T5-XXL)
+
+    def with_(self, **changes) -> "SD3Dtypes":
+        return replace(self, **changes)
+
+
+def sd3_dtypes(preset: str, device: torch.device) -> SD3Dtypes:
+    """The SD3 component dtypes of ``preset`` on ``device``.
+
+    ``auto``: transformer in :func:`auto_dtype`, VAE in float32 (as the reference), CLIPs in
+    float16 on GPUs (the reference's choice) and in the auto dtype elsewhere, T5 in bfloat16
+    where supported. ``fp32`` / ``bf16`` / ``fp16``: everything in that dtype, except T5, which
+    stays bfloat16 unless fp32 (float16 overflows in T5-XXL)."""
+    if preset == "auto":
+        dtype = auto_dtype(device)
+        half = dtype if dtype != torch.float32 else torch.float32
+        text = torch.float16 if device.type == "cuda" else half
+        t5 = torch.bfloat16 if dtype != torch.float32 or device.type == "cuda" else torch.float32
+        return SD3Dtypes(transformer=dtype, vae=torch.float32, text=text, t5=t5)
+    if preset not in DTYPES:
+        raise ValueError(f"unknown SD3 precision preset {preset!r}; choose one of {', '.join(SD3_PRESETS)}")
+    dtype = DTYPES[preset]
+    return SD3Dtypes(transformer=dtype, vae=dtype, text=dtype,
+                     t5=torch.float32 if dtype == torch.float32 else torch.bfloat16)
