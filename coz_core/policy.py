@@ -111,7 +111,7 @@ def warn_slow_precision(dtype: torch.dtype, device: torch.device) -> str | None:
 
 # --- SD3 presets ---------------------------------------------------------------------------
 
-SD3_PRESETS = PRECISIONS
+SD3_PRESETS = (*PRECISIONS, "reference")
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,7 @@ class SD3Dtypes:
     vae: torch.dtype
     text: torch.dtype  # CLIP-L and CLIP-G
     t5: torch.dtype  # T5-XXL compute dtype (float16 overflows in T5-XXL)
+    adaln_lora: str = "merged"  # CoZ's LoRA merged (fast) or "reference" (upstream's float16 rounding)
 
     def with_(self, **changes) -> "SD3Dtypes":
         return replace(self, **changes)
@@ -133,7 +134,13 @@ def sd3_dtypes(preset: str, device: torch.device) -> SD3Dtypes:
     ``auto``: transformer in :func:`auto_dtype`, VAE in float32 (as the reference), CLIPs in
     float16 on GPUs (the reference's choice) and in the auto dtype elsewhere, T5 in bfloat16
     where supported. ``fp32`` / ``bf16`` / ``fp16``: everything in that dtype, except T5, which
-    stays bfloat16 unless fp32 (float16 overflows in T5-XXL)."""
+    stays bfloat16 unless fp32 (float16 overflows in T5-XXL). ``reference``: upstream's own
+    precision, bit for bit: transformer and VAE in float32 with CoZ's LoRA unmerged and its
+    modulations rounded to float16, CLIPs and T5 in float16 (T5's ``wo`` kept in float32, as
+    transformers keeps it); slower, for checking results against the reference code."""
+    if preset == "reference":
+        return SD3Dtypes(transformer=torch.float32, vae=torch.float32, text=torch.float16, t5=torch.float16,
+                         adaln_lora="reference")
     if preset == "auto":
         dtype = auto_dtype(device)
         half = dtype if dtype != torch.float32 else torch.float32
