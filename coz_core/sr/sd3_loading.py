@@ -110,14 +110,13 @@ class UpcastLinear(torch.nn.Linear):
     (on the weight, or on the input when that is smaller: the same rounding as ComfyUI).
     """
 
-    weight_scale: torch.Tensor | None = None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         weight = self.stored_weight.to(x.dtype)
-        if self.weight_scale is None:
+        scale = self._buffers.get("weight_scale")
+        if scale is None:
             return torch.nn.functional.linear(x, weight, bias)
-        scale = self.weight_scale.to(x.device, x.dtype)
+        scale = scale.to(x.device, x.dtype)
         if weight.numel() < x.numel():
             return torch.nn.functional.linear(x, weight * scale, bias)
         return torch.nn.functional.linear(x * scale, weight, bias)
