@@ -293,3 +293,14 @@ def test_openclip_clip_g_as_comfyui_converts_it(tiny, tmp_path):
     for k, v in comfy.items():
         if k not in ("logit_scale",):
             assert torch.equal(got[k], v), k
+
+
+def test_scaled_fp8_t5_in_float16_keeps_wo_in_float32(tiny, scaled_t5):
+    """transformers keeps T5's ``wo`` in float32 under float16; from a scaled-fp8 file it is folded."""
+    path, state = scaled_t5
+    t5 = load_sd3_medium(tiny.folder, t5=path, text_encoders=("t5",),
+                         precision=SD3Precision(t5=torch.float16)).text_encoders["t5"]
+    ff = t5.encoder.block[1].layer[1].DenseReluDense
+    assert type(ff.wo) is torch.nn.Linear and ff.wo.weight.dtype == torch.float32
+    assert torch.equal(ff.wo.weight, comfy_effective(state)["encoder.block.1.layer.1.DenseReluDense.wo.weight"])
+    assert isinstance(ff.wi_0, UpcastLinear) and ff.wi_0.stored_weight.dtype == FP8

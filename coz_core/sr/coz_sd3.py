@@ -5,6 +5,11 @@ the latent distribution, or its mean in deterministic mode) * scaling_factor, wi
 encode; v = transformer(z, t=1000, text); z0 = z - v; image = VAE.decode(z0 / scaling_factor +
 shift_factor), clamped to [-1, 1]. CFG 1 (no negative pass).
 
+Precision: by default CoZ's LoRA is merged into the weights at load time (fast); the ``reference``
+preset (``SD3Precision.adaln_lora``) keeps it apart and rounds its outputs to float16 as upstream
+does, bit for bit (coz_weights.ReferenceLoraLinear). Wan2GP's merged files replace the transformer
+and VAE they hold.
+
 Memory: the LoRA is merged into the weights at load time, each batch element is processed on
 its own, large images go through the VAE (and, beyond the transformer's positional range or on
 request, the transformer) in overlapping, smoothly blended tiles.

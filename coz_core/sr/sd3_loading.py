@@ -221,6 +221,10 @@ def build_component(
     model = _meta_model(component, config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state, scales = split_scaled_fp8(state)
+    linears = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    if set(scales) - linears:
+        raise CheckpointError(f"{source}: scale_weight keys for modules that are not Linear layers of the "
+                              f"{component}: {sorted(set(scales) - linears)[:4]}")
     keep_fp32 = _fp32_modules(model) if dtype == torch.float16 else frozenset()
     if scales and not keep_fp8_linears:
         state, scales = fold_scales(state, scales), {}
@@ -238,7 +242,7 @@ def build_component(
     problem = describe_mismatch(expected, {k: tuple(v.shape) for k, v in state.items()})
     if problem:
         raise CheckpointError(f"{source}: the {component} weights do not match SD3 medium's {component} ({problem})")
-    linear_weights = {f"{n}.weight" for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    linear_weights = {f"{n}.weight" for n in linears}
     fp32_weights = {f"{n}.weight" for n in keep_fp32}
 
     def cast(k: str) -> torch.Tensor:
@@ -257,8 +261,6 @@ def build_component(
             owner.register_buffer("position_ids", torch.arange(buf.shape[-1]).expand(1, -1), persistent=False)
     if keep_fp8_linears:
         store_linears(model, FP8, scales, skip=keep_fp32)
-    elif scales:
-        raise CheckpointError(f"{source}: scale_weight keys for modules that are not Linear layers: {sorted(scales)[:4]}")
     return model.eval().requires_grad_(False)
 
 
@@ -298,7 +300,8 @@ def detect_sd3_file(path: str | Path, config_dir: str | Path | None = None) -> S
     t_keys = {k: v for k, v in keys.items() if k.startswith(PREFIX["transformer"])}
     if not t_keys:
         if any(k.startswith("transformer_blocks.") for k in keys):
-            raise CheckpointError(f"{path}: a diffusers-format transformer file; pass the whole diffusers folder instead")
+            raise CheckpointError(f"{path}: a diffusers-format transformer file; pass the whole diffusers folder "
+                                  "instead (Wan2GP's CoZ_sd3_medium_srlora_bf16 goes in the CoZ LoRA slot)")
         raise CheckpointError(f"{path}: no SD3 transformer ('{PREFIX['transformer']}joint_blocks...') in this file; "
                               "it is not an SD3 checkpoint")
     cfg = read_config("transformer", config_dir)
