@@ -304,3 +304,17 @@ def test_scaled_fp8_t5_in_float16_keeps_wo_in_float32(tiny, scaled_t5):
     assert type(ff.wo) is torch.nn.Linear and ff.wo.weight.dtype == torch.float32
     assert torch.equal(ff.wo.weight, comfy_effective(state)["encoder.block.1.layer.1.DenseReluDense.wo.weight"])
     assert isinstance(ff.wi_0, UpcastLinear) and ff.wi_0.stored_weight.dtype == FP8
+
+
+def test_wan2gp_files_with_a_key_prefix_load_the_same(tiny, wan_files, tmp_path):
+    """mmgp (Wan2GP's loader) strips a prefix it finds before the model's keys: so does the pack."""
+    paths = []
+    for path, prefix in zip(wan_files, ("model.", "vae.")):
+        out = tmp_path / path.name
+        save_file({prefix + k: v for k, v in load_file(str(path)).items()}, str(out))
+        paths.append(out)
+    a = CoZSD3Backbone.from_files(tiny.folder, *paths, text_encoders=(), precision=BF16)
+    b = CoZSD3Backbone.from_files(tiny.folder, *wan_files, text_encoders=(), precision=BF16)
+    for x, y in ((a.transformer, b.transformer), (a.vae, b.vae)):
+        sx, sy = x.state_dict(), y.state_dict()
+        assert set(sx) == set(sy) and all(torch.equal(sx[k], sy[k]) for k in sx)

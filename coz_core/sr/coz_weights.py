@@ -172,14 +172,19 @@ def coz_file_kind(path: str | Path) -> str:
         return "lora"
     if any(".lora_A." in k for k in keys):
         return "vae_encoder"
-    if "context_embedder.weight" in keys and any(k.startswith("transformer_blocks.") for k in keys):
+    if _ends(keys, "context_embedder.weight") and any("transformer_blocks." in k for k in keys):
         return "wan2gp_transformer"
-    if "encoder.conv_in.weight" in keys and "decoder.conv_in.weight" in keys:
+    if _ends(keys, "decoder.conv_in.weight") and _ends(keys, "encoder.conv_in.weight"):
         return "wan2gp_vae"
     raise CheckpointError(
         f"{path}: not a CoZ weight file: expected CoZ's SR LoRA (model_20001.pkl or its .safetensors), its VAE "
         f"encoder (vae_encoder_20001.pt or its .safetensors), or Wan2GP's {WAN2GP_TRANSFORMER} / {WAN2GP_VAE}"
     )
+
+
+def _ends(keys, name: str) -> list[str]:
+    """Keys that are ``name`` or end in ``.name`` (so "decoder.x" is not taken for "encoder.x")."""
+    return [k for k in keys if k == name or k.endswith("." + name)]
 
 
 def sd3_pos_embed(config: dict) -> torch.Tensor:
@@ -199,11 +204,21 @@ def sd3_pos_embed(config: dict) -> torch.Tensor:
     return torch.from_numpy(table).float().unsqueeze(0)
 
 
+def _wan2gp_state(path: str | Path, anchor: str, what: str) -> dict[str, torch.Tensor]:
+    """The file's tensors with any key prefix removed (Wan2GP's loader, mmgp, strips one the same
+    way: found from the first missing key); quanto-quantized files are refused."""
+    keys = safetensors_keys(path)
+    if any(k.endswith(("._data", "._scale")) for k in keys):
+        raise CheckpointError(f"{path}: a quanto-quantized Wan2GP file; use the bf16 {what}")
+    prefix = _ends(keys, anchor)[0][: -len(anchor)]
+    return {k[len(prefix):]: v for k, v in read_safetensors(path, lambda k: k.startswith(prefix)).items()}
+
+
 def wan2gp_transformer_state(path: str | Path, config: dict) -> dict[str, torch.Tensor]:
     """Wan2GP's merged CoZ transformer in diffusers keys (positional table regenerated when absent)."""
     if coz_file_kind(path) != "wan2gp_transformer":
         raise CheckpointError(f"{path}: not Wan2GP's CoZ transformer ({WAN2GP_TRANSFORMER}: diffusers SD3 keys)")
-    state = read_safetensors(path)
+    state = _wan2gp_state(path, "context_embedder.weight", WAN2GP_TRANSFORMER)
     state.setdefault("pos_embed.pos_embed", sd3_pos_embed(config))
     return state
 
@@ -212,7 +227,7 @@ def wan2gp_vae_state(path: str | Path, config: dict) -> dict[str, torch.Tensor]:
     """Wan2GP's CoZ VAE (CoZ's encoder merged, SD3's decoder) in diffusers AutoencoderKL keys."""
     if coz_file_kind(path) != "wan2gp_vae":
         raise CheckpointError(f"{path}: not Wan2GP's CoZ VAE ({WAN2GP_VAE}: diffusers AutoencoderKL keys)")
-    return read_safetensors(path)
+    return _wan2gp_state(path, "encoder.conv_in.weight", WAN2GP_VAE)
 
 
 def _lora_delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -332,7 +332,7 @@ def _text_file_state(path: Path, component: str) -> dict[str, torch.Tensor]:
     keys = safetensors_keys(path)
     anchors = (["encoder.final_layer_norm.weight"] if component == "t5"
                else ["text_model.embeddings.token_embedding.weight", "transformer.resblocks.0.ln_1.weight"])
-    hits = [(k, a) for a in anchors for k in keys if k.endswith(a)]
+    hits = [(k, a) for a in anchors for k in keys if k == a or k.endswith("." + a)]
     if not hits:
         kind = ("T5 encoder ('encoder.block...')" if component == "t5"
                 else "CLIP text model ('text_model.embeddings...' or OpenCLIP 'transformer.resblocks...')")
