@@ -123,8 +123,7 @@ def upstream(tiny):
 
 def reference_backbone(tiny, adaln_lora: str | None = None) -> CoZSD3Backbone:
     d = sd3_dtypes("reference", torch.device("cpu"))
-    precision = SD3Precision(transformer=d.transformer, vae=d.vae, text=d.text, t5=d.t5,
-                             adaln_lora=adaln_lora or d.adaln_lora)
+    precision = SD3Precision.from_dtypes(d if adaln_lora is None else d.with_(adaln_lora=adaln_lora))
     return CoZSD3Backbone.from_files(tiny.folder, tiny.lora_pkl, tiny.vae_pt, precision=precision, latent_mode="mean")
 
 

@@ -66,6 +66,12 @@ class SD3Precision:
     # rounded to float16 as upstream's layer does; see coz_weights.ReferenceLoraLinear)
     adaln_lora: str = "merged"
 
+    @classmethod
+    def from_dtypes(cls, dtypes) -> "SD3Precision":
+        """From ``policy.sd3_dtypes(preset, device)`` (T5's fp8 storage: as the file has it)."""
+        return cls(transformer=dtypes.transformer, vae=dtypes.vae, text=dtypes.text, t5=dtypes.t5,
+                   adaln_lora=dtypes.adaln_lora)
+
 
 @dataclass
 class SD3Models:
