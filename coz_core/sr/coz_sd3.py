@@ -10,9 +10,9 @@ preset (``SD3Precision.adaln_lora``) keeps it apart and rounds its outputs to fl
 does, bit for bit (coz_weights.ReferenceLoraLinear). Wan2GP's merged files replace the transformer
 and VAE they hold.
 
-Memory: the LoRA is merged into the weights at load time, each batch element is processed on
-its own, large images go through the VAE (and, beyond the transformer's positional range or on
-request, the transformer) in overlapping, smoothly blended tiles.
+Memory: each batch element is processed on its own, large images go through the VAE (and,
+beyond the transformer's positional range or on request, the transformer) in overlapping,
+smoothly blended tiles.
 """
 from __future__ import annotations
 
