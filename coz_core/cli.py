@@ -68,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedded Real-ESRGAN name (x4plus, x4plus_anime, animevideov3) or a "
                    "Real-ESRGAN .safetensors/.pth file (default x4plus)")
     p.add_argument("--prompt", default="", help="user prompt appended to every step's prompt")
-    p.add_argument("--precision", default="auto", choices=policy.PRECISIONS,
+    p.add_argument("--precision", default="auto", choices=policy.SD3_PRESETS,
                    help="model precision (auto: bf16 where the device runs it well, else fp32; for SD3 "
-                   "a preset: auto keeps the VAE in fp32 as the reference)")
+                   "a preset: auto keeps the VAE in fp32 as the reference; reference (SD3 only): "
+                   "upstream's own precision bit for bit, slower)")
     p.add_argument("--device", default=None, help="torch device (default: first CUDA GPU, else CPU)")
     p.add_argument("--seed", type=int, default=42, help="seed for sampling backbones (default 42, as the reference)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -103,7 +104,8 @@ def build_prompt_source(args: argparse.Namespace, device: torch.device):
     """Qwen2.5-VL with --vlm, else fixed per-step texts (possibly none)."""
     if args.vlm is None:
         return factory.fixed_prompt_source(args.step_prompts.split("|") if args.step_prompts else "")
-    return factory.vlm_prompt_source(args.vlm, device, args.precision, adapter=args.vlm_adapter,
+    precision = "auto" if args.precision == "reference" else args.precision  # an SD3 preset
+    return factory.vlm_prompt_source(args.vlm, device, precision, adapter=args.vlm_adapter,
                                      max_new_tokens=args.vlm_tokens)
 
 
@@ -128,6 +130,8 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
 def build_backbone(args: argparse.Namespace, device: torch.device):
     """The SR backbone the arguments ask for: CoZ SD3 with --sd3, else a Real-ESRGAN model."""
     if args.sd3 is None:
+        if args.precision == "reference":
+            raise ValueError("--precision reference is a preset of the CoZ SD3 backbone (--sd3) only")
         return factory.upscale_backbone(args.backbone, device, args.precision)
     if args.coz_lora is None or args.coz_vae is None:
         print("coz-zoom: warning: without --coz-lora and --coz-vae this is plain SD3, not CoZ",

@@ -111,7 +111,7 @@ def warn_slow_precision(dtype: torch.dtype, device: torch.device) -> str | None:
 
 # --- SD3 presets ---------------------------------------------------------------------------
 
-SD3_PRESETS = PRECISIONS
+SD3_PRESETS = (*PRECISIONS, "reference")
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,9 @@ class SD3Precision:
     t5: torch.dtype = torch.bfloat16  # T5 compute dtype (float16 overflows in T5-XXL)
     # keep T5's linear weights in float8 e4m3, upcast per layer; None: when the file stores float8
     t5_fp8: bool | None = None
+    # CoZ's AdaLayerNormZero LoRA: "merged" into the weights (fast) or "reference" (kept apart and
+    # rounded to float16 as upstream's layer does; see coz_weights.ReferenceLoraLinear)
+    adaln_lora: str = "merged"
 
 
 def sd3_precision(preset: str, device: torch.device) -> SD3Precision:
@@ -132,15 +135,20 @@ def sd3_precision(preset: str, device: torch.device) -> SD3Precision:
     ``auto``: transformer in :func:`auto_dtype`, VAE in float32 (as the reference), CLIPs in
     float16 on GPUs (the reference's choice) and in the auto dtype elsewhere, T5 in bfloat16
     where supported. ``fp32`` / ``bf16`` / ``fp16``: everything in that dtype, except T5, which
-    stays bfloat16 unless fp32 (float16 overflows in T5-XXL)."""
+    stays bfloat16 unless fp32 (float16 overflows in T5-XXL). ``reference``: upstream's own
+    precision, bit for bit: transformer and VAE in float32 with CoZ's LoRA unmerged and its
+    modulations rounded to float16, CLIPs and T5 in float16 (T5's ``wo`` kept in float32, as
+    transformers keeps it); slower, for checking results against the reference code."""
+    if preset == "reference":
+        return SD3Precision(transformer=torch.float32, vae=torch.float32, text=torch.float16, t5=torch.float16,
+                            adaln_lora="reference")
     if preset == "auto":
         dtype = auto_dtype(device)
-        half = dtype if dtype != torch.float32 else torch.float32
-        text = torch.float16 if device.type == "cuda" else half
+        text = torch.float16 if device.type == "cuda" else dtype
         t5 = torch.bfloat16 if dtype != torch.float32 or device.type == "cuda" else torch.float32
         return SD3Precision(transformer=dtype, vae=torch.float32, text=text, t5=t5)
     if preset not in DTYPES:
         raise ValueError(f"unknown SD3 precision preset {preset!r}; choose one of {', '.join(SD3_PRESETS)}")
     dtype = DTYPES[preset]
     return SD3Precision(transformer=dtype, vae=dtype, text=dtype,
-                     t5=torch.float32 if dtype == torch.float32 else torch.bfloat16)
+                        t5=torch.float32 if dtype == torch.float32 else torch.bfloat16)
