@@ -145,3 +145,47 @@ def sd3_dtypes(preset: str, device: torch.device) -> SD3Dtypes:
     dtype = DTYPES[preset]
     return SD3Dtypes(transformer=dtype, vae=dtype, text=dtype,
                      t5=torch.float32 if dtype == torch.float32 else torch.bfloat16)
+
+
+# --- speed and memory presets (SD3 with the VLM beside it) -----------------------------------
+# Additive to the precision presets above. Memory figures: full-size models on one GPU, every
+# model resident with Qwen2.5-VL-3B in bf16 (benchmarks/bench_gpu.py measures them).
+# - ``fast``: bf16 VAE (its difference from fp32 is measured in the bench and the tests) and
+#   torch.compile of the transformer, VAE and text encoders (CUDA only; compiled once per model).
+# - ``compact``: ``fast`` with the transformer's linear weights stored in float8 (per-row scaled,
+#   upcast per layer) and T5 in float8: everything resident within 16 GiB.
+# - ``lowvram``: ``compact`` without compilation, and the VLM and SD3 take turns on the GPU
+#   (outside ComfyUI: coz_core/residency.py; inside it, ComfyUI's model management): 10 GiB.
+SD3_SPEED_PRESETS = ("fast", "compact", "lowvram")
+
+
+@dataclass(frozen=True)
+class SD3Setup:
+    """How SD3 is stored, compiled and placed: the dtypes plus storage and residency switches."""
+
+    dtypes: SD3Dtypes
+    transformer_fp8: bool = False  # linear weights in float8 e4m3 with per-row scales
+    t5_fp8: bool | None = None  # None: as the file stores it
+    compile: bool = False  # torch.compile transformer, VAE and text encoders (CUDA only)
+    take_turns: bool = False  # the VLM leaves the GPU while SD3 runs, and SD3 while the VLM runs
+
+
+def sd3_setup(preset: str, device: torch.device) -> SD3Setup:
+    """The :class:`SD3Setup` of a precision preset (``auto``, ``fp32``...) or a speed preset."""
+    if preset not in SD3_SPEED_PRESETS:
+        return SD3Setup(sd3_dtypes(preset, device))
+    dtypes = sd3_dtypes("auto", device)
+    if dtypes.transformer != torch.float32:
+        dtypes = dtypes.with_(vae=dtypes.transformer)
+    cuda = device.type == "cuda"
+    if preset == "fast":
+        return SD3Setup(dtypes, compile=cuda)
+    if preset == "compact":
+        return SD3Setup(dtypes, transformer_fp8=True, t5_fp8=True, compile=cuda)
+    return SD3Setup(dtypes, transformer_fp8=True, t5_fp8=True, take_turns=True)
+
+
+def vlm_fast_decode(device: torch.device, force: bool | None = None) -> bool:
+    """Whether the VLM decodes through a static KV cache with compiled, CUDA-graph decoding:
+    on for CUDA, off elsewhere (``force`` overrides)."""
+    return device.type == "cuda" if force is None else bool(force)
