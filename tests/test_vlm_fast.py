@@ -52,7 +52,7 @@ def test_fast_path_is_token_identical_to_plain_generate(vlm, backend):
                                            "max_cache_len": 256 * -(-(n + m) // 256)}
         assert hasattr(GenerationConfig(), "max_cache_len")
     lengths = set()
-    for seed, tokens in ((0, 24), (1, 24), (2, 40)):  # different images and lengths, one cache bucket
+    for seed, tokens in ((0, 24), (2, 40)):  # different images and lengths, one cache bucket
         inputs = _inputs(vlm, seed)
         plain = vlm.generate_ids(inputs, tokens)
         ids = fast.generate_ids(inputs, tokens)

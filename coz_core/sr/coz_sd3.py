@@ -58,6 +58,7 @@ class CoZSD3Backbone:
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
         self.latent_mode = latent_mode
         self.tiles = tiles or TileSettings()
+        self.compiled = False
 
     @classmethod
     def from_files(
@@ -78,12 +79,14 @@ class CoZSD3Backbone:
         latent_mode: str = "sample",
         tiles: TileSettings | None = None,
         config_dir: str | Path | None = None,
+        compile: bool = False,
     ) -> "CoZSD3Backbone":
         """Load SD3 medium (folder or single file, see ``load_sd3_medium``), merge CoZ's weights, place it.
 
         ``lora``/``vae_encoder``: CoZ's ``model_20001.pkl`` / ``vae_encoder_20001.pt`` or their
         safetensors conversions (None leaves plain SD3, only useful for comparisons).
-        ``transformer_fp8`` stores the transformer's linear weights in float8 after the merge.
+        ``transformer_fp8`` stores the transformer's linear weights in float8 (per-row scaled) after
+        the merge. ``compile``: :meth:`enable_compile` (CUDA; policy.SD3Setup.compile).
         """
         models = load_sd3_medium(sd3, clip_l=clip_l, clip_g=clip_g, t5=t5, text_encoders=text_encoders,
                                  tokenizers=tokenizers, precision=precision, config_dir=config_dir)
@@ -92,7 +95,7 @@ class CoZSD3Backbone:
         if vae_encoder is not None:
             apply_vae_encoder(models.vae, vae_encoder)
         if transformer_fp8:
-            store_linears(models.transformer, FP8)
+            store_linears(models.transformer, FP8, scaled=True)
         models.transformer.to(device)
         models.vae.to(device)
         text = None
@@ -104,7 +107,31 @@ class CoZSD3Backbone:
                                   joint_dim=models.transformer.config.joint_attention_dim)
         elif models.text_encoders:
             raise ValueError("SD3 needs both CLIP-L and CLIP-G to encode text (T5 is optional)")
-        return cls(models.transformer, models.vae, text, latent_mode=latent_mode, tiles=tiles)
+        backbone = cls(models.transformer, models.vae, text, latent_mode=latent_mode, tiles=tiles)
+        return backbone.enable_compile() if compile else backbone
+
+    # --- switches -----------------------------------------------------------------------------
+
+    def enable_compile(self, text: bool = True, mode: str | None = None, backend: str = "inductor") -> "CoZSD3Backbone":
+        """torch.compile the transformer, the VAE's encoder and decoder and (``text``) the text
+        encoders, in place (``Module.compile``: same modules, same weights).
+
+        Each compiles on its first call at a new shape (at 512: about a minute in all on a GPU),
+        once per loaded model; VAE tiles of another size compile again. ``mode``: torch.compile's
+        (None: its default; "max-autotune-no-cudagraphs" searches longer)."""
+        options = {"mode": mode, "backend": backend, "dynamic": False}
+        modules = [self.transformer, self.vae.encoder, self.vae.decoder]
+        if text and self.text_encoder is not None:
+            modules += [m for m in self.text_encoder.models.values() if m is not None]
+        for module in modules:
+            module.compile(**options)
+        self.compiled = True
+        return self
+
+    def modules(self) -> list[torch.nn.Module]:
+        """Every model of the step (transformer, VAE, text encoders): what moves to offload it."""
+        text = [] if self.text_encoder is None else [m for m in self.text_encoder.models.values() if m is not None]
+        return [self.transformer, self.vae, *text]
 
     # --- pieces of the step -------------------------------------------------------------------
 

@@ -104,12 +104,34 @@ class UpcastLinear(torch.nn.Linear):
         return torch.nn.functional.linear(x, self.stored_weight.to(x.dtype), bias)
 
 
-def store_linears(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Keep every Linear weight of ``model`` in ``dtype`` (e.g. float8), computing in the input dtype."""
+class ScaledUpcastLinear(UpcastLinear):
+    """An :class:`UpcastLinear` whose float8 weight rows carry a float32 scale (row max / 448).
+
+    Unscaled e4m3 flushes weights below 2^-9 to zero and keeps 3 bits for those above; per-row
+    scales use the whole range for each output channel (the usual fp8 weight-only storage).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x, self.stored_weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+def store_linears(model: torch.nn.Module, dtype: torch.dtype, scaled: bool = False) -> torch.nn.Module:
+    """Keep every Linear weight of ``model`` in ``dtype`` (e.g. float8), computing in the input dtype.
+
+    ``scaled``: one float32 scale per output row (for models whose weights were not trained or
+    saved in float8, e.g. SD3's transformer; ComfyUI's T5 fp8 files are plain casts)."""
     for module in model.modules():
         if type(module) is torch.nn.Linear:
-            weight = module.weight.data.to(dtype)
-            module.__class__ = UpcastLinear
+            weight = module.weight.data
+            if scaled:
+                scale = weight.float().abs().amax(dim=1).clamp_min(1e-12) / torch.finfo(dtype).max
+                module.__class__ = ScaledUpcastLinear
+                module.register_buffer("weight_scale", scale)
+                weight = (weight.float() / scale[:, None]).to(dtype)
+            else:
+                weight = weight.to(dtype)
+                module.__class__ = UpcastLinear
             module.register_parameter("weight", None)
             module.register_buffer("stored_weight", weight)
     return model
