@@ -106,3 +106,41 @@ def test_speed_presets(device):
         assert setup.transformer_fp8 == (preset != "fast") and setup.take_turns == (preset == "lowvram")
     if device == "cuda":
         assert sd3_setup("fast", dev).dtypes.vae in (torch.bfloat16, torch.float16)
+
+
+class _Spy(torch.nn.Linear):
+    """A module that records where it was sent (the machine has no accelerator to send it to)."""
+
+    def __init__(self, log: list, name: str) -> None:
+        super().__init__(2, 2)
+        self.log, self.tag = log, name
+
+    def to(self, *args, **kwargs):
+        self.log.append((self.tag, str(args[0])))
+        return super().to(*args, **kwargs)
+
+
+def test_take_turns_moves_one_group_at_a_time(backbone):
+    from coz_core.prompt.base import FixedPrompts
+    from coz_core.residency import Turns, take_turns
+    from coz_core.zoom import ChainConfig, run_chain
+
+    log: list = []
+    turns = Turns("cpu", {"sr": [_Spy(log, "sr")], "prompt": [_Spy(log, "vlm")]})
+    turns.activate("prompt")
+    turns.activate("prompt")  # already there: nothing moves
+    turns.activate("sr")
+    assert log == [("sr", "cpu"), ("vlm", "cpu"), ("vlm", "cpu"), ("sr", "cpu")]
+
+    source = FixedPrompts("a cat")
+    source.vlm = type("VLM", (), {"model": torch.nn.Linear(2, 2)})()  # what take_turns moves by default
+    turned, wrapped = take_turns(backbone, source, "cpu")
+    assert turned.device == torch.device("cpu") and turned.uses_prompt and turned.size_multiple == 16
+    assert turned.turns.groups["sr"] == backbone.modules() and turned.turns.groups["prompt"] == [source.vlm.model]
+    x = _image(64)
+    config = ChainConfig(steps=2, size=(32, 32), color="none")
+    ours = run_chain(x, turned, config, wrapped)
+    torch.testing.assert_close(ours.final, run_chain(x, backbone, config, FixedPrompts("a cat")).final)
+    assert turned.turns.active == "sr"
+    with pytest.raises(TypeError, match="source_modules"):
+        take_turns(backbone, FixedPrompts(""), "cpu")

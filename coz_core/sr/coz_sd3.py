@@ -112,19 +112,30 @@ class CoZSD3Backbone:
 
     # --- switches -----------------------------------------------------------------------------
 
-    def enable_compile(self, text: bool = True, mode: str | None = None, backend: str = "inductor") -> "CoZSD3Backbone":
-        """torch.compile the transformer, the VAE's encoder and decoder and (``text``) the text
-        encoders, in place (``Module.compile``: same modules, same weights).
+    def enable_compile(self, vae: bool = False, text: bool = True, mode: str | None = None,
+                       backend: str = "inductor") -> "CoZSD3Backbone":
+        """torch.compile the step's models in place (``Module.compile``: same modules, same weights).
 
-        Each compiles on its first call at a new shape (at 512: about a minute in all on a GPU),
-        once per loaded model; VAE tiles of another size compile again. ``mode``: torch.compile's
-        (None: its default; "max-autotune-no-cudagraphs" searches longer)."""
+        Regional compilation, as diffusers' ``compile_repeated_blocks``: each repeated block (the
+        transformer's ``JointTransformerBlock``; with ``text``, CLIP's and T5's layers: the classes a
+        model lists in ``_repeated_blocks`` or ``_no_split_modules``) is compiled once per block type
+        and reused by every instance, so compiling takes seconds, not minutes. ``vae``: also the VAE's
+        encoder and decoder as wholes (once per tile size). Compiling happens on the first call, once
+        per loaded model. ``mode``: torch.compile's (None: its default)."""
         options = {"mode": mode, "backend": backend, "dynamic": False}
-        modules = [self.transformer, self.vae.encoder, self.vae.decoder]
+        models = [self.transformer]
         if text and self.text_encoder is not None:
-            modules += [m for m in self.text_encoder.models.values() if m is not None]
-        for module in modules:
-            module.compile(**options)
+            models += [m for m in self.text_encoder.models.values() if m is not None]
+        for model in models:
+            blocks = set(getattr(model, "_repeated_blocks", None) or getattr(model, "_no_split_modules", None) or ())
+            found = [m for m in model.modules() if type(m).__name__ in blocks]
+            if not found:
+                raise ValueError(f"{type(model).__name__} names no repeated blocks to compile ({sorted(blocks)})")
+            for module in found:
+                module.compile(**options)
+        if vae:
+            self.vae.encoder.compile(**options)
+            self.vae.decoder.compile(**options)
         self.compiled = True
         return self
 
