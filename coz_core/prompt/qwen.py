@@ -74,7 +74,9 @@ class QwenVL:
     adapter: Path | None = None
     # static KV cache + compiled decoding; None: policy.vlm_fast_decode (on for CUDA, off elsewhere)
     fast_decode: bool | None = None
-    compile_backend: str = "inductor"  # tests use "eager" to check the capture quickly on CPU
+    # torch.compile backend of the fast path ("eager": the capture without code generation, for
+    # tests on CPU; None: the static cache alone, not compiled)
+    compile_backend: str | None = "inductor"
     first_fast_seconds: float | None = None  # the first fast call (compilation/capture included)
     _compile_config: Any = field(default=None, repr=False)
 
@@ -94,14 +96,16 @@ class QwenVL:
                 f"fast VLM decoding needs transformers with GenerationConfig.max_cache_len (5.2x); this is "
                 f"{transformers.__version__}: upgrade it or set fast_decode=False"
             )
+        length = prompt_len + max_new_tokens
+        options = {"cache_implementation": "static", "max_cache_len": CACHE_BUCKET * -(-length // CACHE_BUCKET)}
+        if self.compile_backend is None:
+            return {**options, "disable_compile": True}
         if self._compile_config is None:
             self._compile_config = CompileConfig(fullgraph=True, dynamic=False, backend=self.compile_backend,
                                                  mode="reduce-overhead" if self.compile_backend == "inductor" else None)
             # compile on whatever device the model is on (transformers compiles on CUDA by default)
             self._compile_config._compile_all_devices = True
-        length = prompt_len + max_new_tokens
-        bucket = CACHE_BUCKET * -(-length // CACHE_BUCKET)
-        return {"cache_implementation": "static", "max_cache_len": bucket, "compile_config": self._compile_config}
+        return {**options, "compile_config": self._compile_config}
 
     @property
     def device(self) -> torch.device:
@@ -163,7 +167,7 @@ class QwenVL:
             "max_new_tokens": int(max_new_tokens), "do_sample": bool(sample),
             "repetition_penalty": self.repetition_penalty if repetition_penalty is None else repetition_penalty,
         }
-        if min_new_tokens:
+        if min_new_tokens is not None:
             options["min_new_tokens"] = int(min_new_tokens)
         if sample:
             options.update(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))

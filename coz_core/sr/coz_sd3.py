@@ -123,6 +123,9 @@ class CoZSD3Backbone:
         encoder and decoder as wholes (once per tile size). Compiling happens on the first call, once
         per loaded model. ``mode``: torch.compile's (None: its default)."""
         options = {"mode": mode, "backend": backend, "dynamic": False}
+        # every compiled block shares Module._call_impl's code object, whose compiled variants
+        # (one per block type) are capped by this limit; beyond it dynamo would silently run eager
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         models = [self.transformer]
         if text and self.text_encoder is not None:
             models += [m for m in self.text_encoder.models.values() if m is not None]
