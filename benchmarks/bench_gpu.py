@@ -54,8 +54,9 @@ from coz_core.zoom import ChainConfig, run_chain  # noqa: E402
 
 SECTIONS = ("vlm", "sd3", "chain", "upsample", "wholeimage")
 GIB = 1024**3
-# seconds per section (full size, H100/H200); the whole run stays within about 6 minutes
-LIMITS = {"build": 60, "vlm": 110, "sd3": 90, "chain": 110, "upsample": 60, "wholeimage": 40}
+# seconds per section (full size, H100/H200), each cut further so the whole run ends by --budget
+LIMITS = {"build": 60, "vlm": 110, "sd3": 110, "chain": 80, "wholeimage": 40, "upsample": 60}
+RESERVE = 25  # seconds kept for each section still to come
 
 
 # --- reporting ---------------------------------------------------------------------------------
@@ -307,14 +308,17 @@ def section_sd3(report: Report, models: Models, args, device: torch.device) -> N
     if device.type != "cuda" and not args.compile_on_cpu:
         report.row("sd3", "compiled", "skipped on CPU")
         return
-    b.enable_compile(vae=args.compile_vae)
-    start = time.perf_counter()
+    # in two stages, so that the transformer's rows are in even if the text encoders run out of time
     b.latent_mode = "sample"
-    b(SRRequest(x, x, ["compile warm-up"]))
-    sync(device)
-    report.row("sd3", "compile (regional: transformer blocks, CLIP/T5 layers"
-               + (", VAE" if args.compile_vae else "") + "), first step", f"{time.perf_counter() - start:.1f} s")
-    _sd3_parts(report, b, f"compiled, {dt(vae16)} VAE", x, device, args.repeats)
+    for label, options in (("transformer", {"text": False, "vae": args.compile_vae}),
+                           ("CLIP/T5 layers", {"transformer": False, "text": True, "vae": False})):
+        b.enable_compile(**options, backend=args.compile_backend)
+        start = time.perf_counter()
+        b(SRRequest(x, x, [f"compile warm-up {label}"]))
+        sync(device)
+        what = label + (" and VAE" if options["vae"] else "")
+        report.row("sd3", f"compile (regional) of the {what}: first step", f"{time.perf_counter() - start:.1f} s")
+        _sd3_parts(report, b, f"compiled {what}, {dt(b.vae)} VAE", x, device, args.repeats)
 
 
 def _chain_rows(report: Report, label: str, models: Models, args, device, backbone=None, source=None) -> None:
@@ -346,25 +350,24 @@ def _chain_rows(report: Report, label: str, models: Models, args, device, backbo
 
 def section_chain(report: Report, models: Models, args, device: torch.device) -> None:
     b = models.sd3
-    was_compiled = b.compiled
-    vae_dtype = next(b.vae.parameters()).dtype
-    if was_compiled:
-        uncompile(b)
     b.latent_mode = "sample"
+    cuda = device.type == "cuda"
+    # fast: bf16 VAE, compiled (as the sd3 section left it, or compiled here)
+    if cuda:
+        b.vae = b.vae.to(torch.bfloat16)
+    if not b.compiled and (cuda or args.compile_on_cpu):
+        b.enable_compile(vae=args.compile_vae, backend=args.compile_backend)
+    _chain_rows(report, "fast", models, args, device)
     # default preset: fp32 VAE, not compiled (the VLM's fast path is on by default on CUDA)
+    uncompile(b)
     b.vae = b.vae.float()
     _chain_rows(report, "default (auto)", models, args, device)
-    # fast: bf16 VAE, compiled
-    half = torch.bfloat16 if device.type == "cuda" else vae_dtype
-    b.vae = b.vae.to(half)
-    if device.type == "cuda" or args.compile_on_cpu:
-        b.enable_compile(vae=args.compile_vae)
-    _chain_rows(report, "fast", models, args, device)
-    # compact: transformer linears in scaled float8 (eager: the swap would recompile the blocks)
-    uncompile(b)
+    # compact: bf16 VAE, transformer linears in scaled float8 (eager here: the swap would recompile)
+    if cuda:
+        b.vae = b.vae.to(torch.bfloat16)
     store_linears(b.transformer, FP8, scaled=True)
     gc.collect()
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.empty_cache()
     _chain_rows(report, "compact (fp8 transformer, not compiled)", models, args, device)
     # lowvram: compact, and the VLM and SD3 take turns on the GPU
@@ -416,7 +419,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="best of (3; tiny: 1)")
     parser.add_argument("--compile-vae", action="store_true", help="also compile the VAE (slower to compile)")
     parser.add_argument("--compile-on-cpu", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # "eager": CPU checks
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiply every section's time limit")
+    parser.add_argument("--budget", type=float, default=330.0, help="seconds for the whole run (full size)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_gpu.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -434,7 +439,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"bench_gpu: {name}; torch {torch.__version__}, transformers {transformers.__version__}; "
           f"{'tiny models' if args.tiny else 'full-size models, random weights'}", flush=True)
     report = Report(args.out, meta)
-    limit = lambda key: LIMITS[key] * args.time_scale  # noqa: E731
+    deadline = time.perf_counter() + args.budget * args.time_scale
+    order = [k for k in LIMITS if k == "build" or k in args.sections]
+
+    def limit(key: str) -> float:
+        later = len(order) - order.index(key) - 1
+        return max(5.0, min(LIMITS[key] * args.time_scale, deadline - time.perf_counter() - RESERVE * later))
     torch.manual_seed(0)
 
     models = Models()

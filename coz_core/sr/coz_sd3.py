@@ -112,8 +112,8 @@ class CoZSD3Backbone:
 
     # --- switches -----------------------------------------------------------------------------
 
-    def enable_compile(self, vae: bool = False, text: bool = True, mode: str | None = None,
-                       backend: str = "inductor") -> "CoZSD3Backbone":
+    def enable_compile(self, transformer: bool = True, text: bool = True, vae: bool = False,
+                       mode: str | None = None, backend: str = "inductor") -> "CoZSD3Backbone":
         """torch.compile the step's models in place (``Module.compile``: same modules, same weights).
 
         Regional compilation, as diffusers' ``compile_repeated_blocks``: each repeated block (the
@@ -126,7 +126,7 @@ class CoZSD3Backbone:
         # every compiled block shares Module._call_impl's code object, whose compiled variants
         # (one per block type) are capped by this limit; beyond it dynamo would silently run eager
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        models = [self.transformer]
+        models = [self.transformer] if transformer else []
         if text and self.text_encoder is not None:
             models += [m for m in self.text_encoder.models.values() if m is not None]
         for model in models:
