@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import itertools
 import json
 import os
 import signal
@@ -265,8 +266,11 @@ def _vlm_rows(report, vlm, label, inputs, source, request, args, device, length)
     return ids
 
 
+_PROMPTS = itertools.count()  # every "new prompt" is new to the text encoder's cache
+
+
 def _sd3_parts(report: Report, b: CoZSD3Backbone, label: str, x: torch.Tensor, device, repeats: int) -> None:
-    counter = iter(range(10**6))
+    counter = _PROMPTS
     b.latent_mode = "sample"
     cond = b.text_encoder(["a photo"])
     z = b.encode(x * 2 - 1)

@@ -148,14 +148,14 @@ def sd3_dtypes(preset: str, device: torch.device) -> SD3Dtypes:
 
 
 # --- speed and memory presets (SD3 with the VLM beside it) -----------------------------------
-# Additive to the precision presets above. Memory figures: full-size models on one GPU, every
-# model resident with Qwen2.5-VL-3B in bf16 (benchmarks/bench_gpu.py measures them).
+# Additive to the precision presets above; benchmarks/bench_gpu.py measures each with full-size
+# models beside Qwen2.5-VL-3B in bf16 (targets: compact within 16 GiB, lowvram within 10 GiB).
 # - ``fast``: bf16 VAE (its difference from fp32 is measured in the bench and the tests) and
-#   torch.compile of the transformer, VAE and text encoders (CUDA only; compiled once per model).
+#   regional torch.compile of the transformer and text encoders (CUDA only; once per model).
 # - ``compact``: ``fast`` with the transformer's linear weights stored in float8 (per-row scaled,
-#   upcast per layer) and T5 in float8: everything resident within 16 GiB.
+#   upcast per layer) and T5 in float8: every model resident, ~2 GiB less than ``auto``.
 # - ``lowvram``: ``compact`` without compilation, and the VLM and SD3 take turns on the GPU
-#   (outside ComfyUI: coz_core/residency.py; inside it, ComfyUI's model management): 10 GiB.
+#   (outside ComfyUI: coz_core/residency.py; inside it, ComfyUI's model management).
 SD3_SPEED_PRESETS = ("fast", "compact", "lowvram")
 
 
@@ -166,7 +166,7 @@ class SD3Setup:
     dtypes: SD3Dtypes
     transformer_fp8: bool = False  # linear weights in float8 e4m3 with per-row scales
     t5_fp8: bool | None = None  # None: as the file stores it
-    compile: bool = False  # torch.compile transformer, VAE and text encoders (CUDA only)
+    compile: bool = False  # CoZSD3Backbone.enable_compile (CUDA only)
     take_turns: bool = False  # the VLM leaves the GPU while SD3 runs, and SD3 while the VLM runs
 
 

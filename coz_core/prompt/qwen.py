@@ -81,15 +81,16 @@ class QwenVL:
     _compile_config: Any = field(default=None, repr=False)
 
     def uses_fast_decode(self) -> bool:
+        """policy.vlm_fast_decode, where this transformers has what it needs (forcing it errors)."""
         from ..policy import vlm_fast_decode
 
-        return vlm_fast_decode(self.device, self.fast_decode)
+        return vlm_fast_decode(self.device, self.fast_decode) and (self.fast_decode or _static_cache_sizing())
 
     def _fast_options(self, prompt_len: int, max_new_tokens: int) -> dict[str, Any]:
         """generate() options of the static-cache, compiled path (transformers >= 5.2x names)."""
-        from transformers import CompileConfig, GenerationConfig
+        from transformers import CompileConfig
 
-        if not hasattr(GenerationConfig(), "max_cache_len"):
+        if not _static_cache_sizing():
             import transformers
 
             raise RuntimeError(
@@ -194,6 +195,13 @@ class QwenVL:
         new = self.generate_ids(inputs, max_new_tokens, sample, temperature, top_p, top_k, repetition_penalty)
         text = self.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return text, int(new.numel())
+
+
+def _static_cache_sizing() -> bool:
+    """Whether generate() sizes static caches across calls (GenerationConfig.max_cache_len)."""
+    from transformers import GenerationConfig
+
+    return hasattr(GenerationConfig(), "max_cache_len")
 
 
 def _require(folder: Path, names: tuple[str, ...], what: str) -> None:
