@@ -45,7 +45,7 @@ def test_cpu_default_is_the_plain_path(vlm):
 def test_fast_path_is_token_identical_to_plain_generate(vlm, backend):
     # "static-cache": the static cache alone; "compiled": captured with torch.compile ("eager" backend)
     fast = replace(vlm, fast_decode=True, compile_backend="eager" if backend == "compiled" else None,
-                   _compile_config=None)
+                   _compile_config=None, _cache=None)
     lengths = set()
     for seed, tokens in ((0, 24), (2, 40)):  # different images and lengths, one cache bucket
         inputs = _inputs(vlm, seed)
@@ -56,6 +56,7 @@ def test_fast_path_is_token_identical_to_plain_generate(vlm, backend):
         forced = fast.generate_ids(inputs, 12, min_new_tokens=12)  # runs to the limit
         assert torch.equal(forced, vlm.generate_ids(inputs, 12, min_new_tokens=12)) and forced.numel() == 12
     assert max(lengths) > 4  # the comparison covered real decoding, not an immediate end token
+    assert fast._cache[2] == 256  # one cache, reset and reused by every call above
     if backend == "compiled":
         assert fast.first_fast_seconds is not None and fast._compile_config.fullgraph
         # one compiled call kept on the model for every later step

@@ -15,10 +15,11 @@ PIL image processor is the one the reference's processor used. Images are expand
 independent construction.
 
 Fast decoding (on by default on CUDA, off elsewhere; ``QwenVL.fast_decode`` forces it): transformers'
-own static KV cache (``cache_implementation="static"``) with its automatic compilation of the
-decoding step (``CompileConfig``, mode ``reduce-overhead``: CUDA graphs). The cache length is
-rounded up to a bucket so every chain step reuses one compiled graph; compilation happens on the
-first call and is paid once per loaded model (transformers keeps the compiled call on the model).
+own ``StaticCache`` (one per loaded model, reset for every call, its length rounded up to a
+bucket) with generate's automatic compilation of the decoding step (``CompileConfig``, mode
+``reduce-overhead``: CUDA graphs). Every chain step reuses one compiled graph; compilation
+happens on the first call and is paid once per loaded model (transformers keeps the compiled call
+on the model).
 Greedy output is token-identical to plain ``generate`` (tests compare them on CPU with the static
 cache forced).
 """
@@ -79,6 +80,7 @@ class QwenVL:
     compile_backend: str | None = "inductor"
     first_fast_seconds: float | None = None  # the first fast call (compilation/capture included)
     _compile_config: Any = field(default=None, repr=False)
+    _cache: Any = field(default=None, repr=False)  # (StaticCache, its device, its length)
 
     def uses_fast_decode(self) -> bool:
         """policy.vlm_fast_decode, where this transformers has what it needs (forcing it errors)."""
@@ -87,8 +89,12 @@ class QwenVL:
         return vlm_fast_decode(self.device, self.fast_decode) and (self.fast_decode or _static_cache_sizing())
 
     def _fast_options(self, prompt_len: int, max_new_tokens: int) -> dict[str, Any]:
-        """generate() options of the static-cache, compiled path (transformers >= 5.2x names)."""
-        from transformers import CompileConfig
+        """generate() options of the fast path: this model's own static cache, reset for every call.
+
+        One cache object for every call keeps its tensors at fixed addresses, so the CUDA graphs
+        captured on the first call replay on every later one (a fresh cache per call would make
+        them re-record); it is rebuilt only when a longer bucket is needed or the model moved."""
+        from transformers import CompileConfig, StaticCache
 
         if not _static_cache_sizing():
             import transformers
@@ -97,8 +103,16 @@ class QwenVL:
                 f"fast VLM decoding needs transformers with GenerationConfig.max_cache_len (5.2x); this is "
                 f"{transformers.__version__}: upgrade it or set fast_decode=False"
             )
-        length = prompt_len + max_new_tokens
-        options = {"cache_implementation": "static", "max_cache_len": CACHE_BUCKET * -(-length // CACHE_BUCKET)}
+        length = CACHE_BUCKET * -(-(prompt_len + max_new_tokens) // CACHE_BUCKET)
+        cache, where, size = self._cache or (None, None, 0)
+        if cache is None or size < length or where != self.device:
+            size = max(size, length)
+            cache = StaticCache(config=self.model.config, max_cache_len=size)
+            self._cache = (cache, self.device, size)
+        cache.reset()
+        name = "cache" if "cache" in inspect.signature(self.model.prepare_inputs_for_generation).parameters \
+            else "past_key_values"  # renamed in transformers 5.x
+        options: dict[str, Any] = {name: cache}
         if self.compile_backend is None:
             return {**options, "disable_compile": True}
         if self._compile_config is None:
