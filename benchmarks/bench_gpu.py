@@ -315,12 +315,12 @@ def section_sd3(report: Report, models: Models, args, device: torch.device) -> N
     # in two stages, so that the transformer's rows are in even if the text encoders run out of time
     b.latent_mode = "sample"
     for label, options in (("transformer", {"text": False, "vae": args.compile_vae}),
-                           ("CLIP/T5 layers", {"transformer": False, "text": True, "vae": False})):
+                           ("transformer + CLIP/T5 layers", {"transformer": False, "text": True, "vae": False})):
         b.enable_compile(**options, backend=args.compile_backend)
         start = time.perf_counter()
         b(SRRequest(x, x, [f"compile warm-up {label}"]))
         sync(device)
-        what = label + (" and VAE" if options["vae"] else "")
+        what = label + (" + VAE" if args.compile_vae else "")
         report.row("sd3", f"compile (regional) of the {what}: first step", f"{time.perf_counter() - start:.1f} s")
         _sd3_parts(report, b, f"compiled {what}, {dt(b.vae)} VAE", x, device, args.repeats)
 
