@@ -256,7 +256,7 @@ def _vlm_rows(report, vlm, label, inputs, source, request, args, device, length)
     step_n = timed(lambda: vlm.generate_ids(inputs, n, min_new_tokens=n), device, args.repeats)
     prefill = timed(lambda: vlm.generate_ids(inputs, 1, min_new_tokens=1), device, args.repeats)
     step = timed(lambda: source(request), device, args.repeats)
-    rate = (n - 1) / max(step_n - prefill, 1e-9)
+    rate = (n - 1) / (step_n - prefill) if step_n > prefill else float("nan")  # nan: too short to time
     report.row("vlm", f"{label}: prefill + 1st token ({length} prompt tokens)", ms(prefill), seconds=prefill)
     report.row("vlm", f"{label}: decode", f"{rate:.0f} tokens/s", tokens_per_s=rate)
     report.row("vlm", f"{label}: prompt step, 2 images {args.size}, {n} new tokens", ms(step), seconds=step)
