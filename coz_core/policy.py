@@ -11,7 +11,7 @@ host adapter (nodes/host.py) only supplies the device ComfyUI picked.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -111,7 +111,7 @@ def warn_slow_precision(dtype: torch.dtype, device: torch.device) -> str | None:
 
 # --- SD3 presets ---------------------------------------------------------------------------
 
-SD3_PRESETS = (*PRECISIONS, "reference")
+SD3_PRECISIONS = (*PRECISIONS, "reference")
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,52 @@ def sd3_precision(preset: str, device: torch.device) -> SD3Precision:
         t5 = torch.bfloat16 if dtype != torch.float32 or device.type == "cuda" else torch.float32
         return SD3Precision(transformer=dtype, vae=torch.float32, text=text, t5=t5)
     if preset not in DTYPES:
-        raise ValueError(f"unknown SD3 precision preset {preset!r}; choose one of {', '.join(SD3_PRESETS)}")
+        raise ValueError(f"unknown SD3 precision preset {preset!r}; choose one of {', '.join(SD3_PRECISIONS)}")
     dtype = DTYPES[preset]
     return SD3Precision(transformer=dtype, vae=dtype, text=dtype,
                         t5=torch.float32 if dtype == torch.float32 else torch.bfloat16)
+
+
+# --- speed and memory presets (SD3 with the VLM beside it) -----------------------------------
+# Additive to the precision presets above; benchmarks/bench_gpu.py measures each with full-size
+# models beside Qwen2.5-VL-3B in bf16 (targets: compact within 16 GiB, lowvram within 10 GiB).
+# - ``fast``: bf16 VAE (its difference from fp32 is measured in the bench and the tests) and
+#   regional torch.compile of the transformer and text encoders (CUDA only; once per model).
+# - ``compact``: ``fast`` with the transformer's linear weights stored in float8 (per-row scaled,
+#   upcast per layer) and T5 in float8: every model resident, ~2 GiB less than ``auto``.
+# - ``lowvram``: ``compact`` without compilation, and the VLM and SD3 take turns on the GPU
+#   (outside ComfyUI: coz_core/residency.py; inside it, ComfyUI's model management).
+SD3_SPEED_PRESETS = ("fast", "compact", "lowvram")
+SD3_PRESETS = (*SD3_PRECISIONS, *SD3_SPEED_PRESETS)  # what the CLI and the SD3 loader node offer
+
+
+@dataclass(frozen=True)
+class SD3Setup:
+    """How SD3 is stored, compiled and placed: the dtypes plus storage and residency switches."""
+
+    precision: SD3Precision
+    transformer_fp8: bool = False  # linear weights in float8 e4m3 with per-row scales
+    compile: bool = False  # CoZSD3Backbone.enable_compile (CUDA only)
+    take_turns: bool = False  # the VLM leaves the GPU while SD3 runs, and SD3 while the VLM runs
+
+
+def sd3_setup(preset: str, device: torch.device) -> SD3Setup:
+    """The :class:`SD3Setup` of a precision preset (``auto``, ``fp32``...) or a speed preset."""
+    if preset not in SD3_SPEED_PRESETS:
+        return SD3Setup(sd3_precision(preset, device))
+    precision = sd3_precision("auto", device)
+    if precision.transformer != torch.float32:
+        precision = replace(precision, vae=precision.transformer)
+    cuda = device.type == "cuda"
+    if preset == "fast":
+        return SD3Setup(precision, compile=cuda)
+    compact = replace(precision, t5_fp8=True)
+    if preset == "compact":
+        return SD3Setup(compact, transformer_fp8=True, compile=cuda)
+    return SD3Setup(compact, transformer_fp8=True, take_turns=True)
+
+
+def vlm_fast_decode(device: torch.device, force: bool | None = None) -> bool:
+    """Whether the VLM decodes through a static KV cache with compiled, CUDA-graph decoding:
+    on for CUDA, off elsewhere (``force`` overrides)."""
+    return device.type == "cuda" if force is None else bool(force)

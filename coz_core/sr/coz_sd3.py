@@ -65,6 +65,7 @@ class CoZSD3Backbone:
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
         self.latent_mode = latent_mode
         self.tiles = tiles or TileSettings()
+        self.compiled = False
 
     @classmethod
     def from_files(
@@ -85,14 +86,16 @@ class CoZSD3Backbone:
         latent_mode: str = "sample",
         tiles: TileSettings | None = None,
         config_dir: str | Path | None = None,
+        compile: bool = False,
     ) -> "CoZSD3Backbone":
         """Load SD3 medium (folder or single file, see ``load_sd3_medium``), merge CoZ's weights, place it.
 
         ``lora``/``vae_encoder``: CoZ's ``model_20001.pkl`` / ``vae_encoder_20001.pt`` or their
         safetensors conversions, or Wan2GP's ``CoZ_sd3_medium_srlora_bf16`` / ``CoZ_sd3_vae_srlora_bf16``
         (merged files that replace SD3's transformer / VAE); None leaves plain SD3 (for comparisons).
-        ``transformer_fp8`` stores the transformer's linear weights in float8 after the merge.
-        ``precision.adaln_lora == "reference"`` keeps the LoRA apart, rounded as upstream rounds it.
+        ``transformer_fp8`` stores the transformer's linear weights in float8 (per-row scaled) after
+        the merge. ``precision.adaln_lora == "reference"`` keeps the LoRA apart, rounded as upstream
+        rounds it. ``compile``: :meth:`enable_compile` (CUDA; policy.SD3Setup.compile).
         """
         precision = precision or SD3Precision()
         reference = precision.adaln_lora == "reference"
@@ -123,7 +126,7 @@ class CoZSD3Backbone:
         if kinds["vae_encoder"] == "vae_encoder":
             apply_vae_encoder(models.vae, vae_encoder)
         if transformer_fp8:
-            store_linears(models.transformer, FP8)
+            store_linears(models.transformer, FP8, scaled=True)
         models.transformer.to(device)
         models.vae.to(device)
         text = None
@@ -135,7 +138,45 @@ class CoZSD3Backbone:
                                   joint_dim=models.transformer.config.joint_attention_dim)
         elif models.text_encoders:
             raise ValueError("SD3 needs both CLIP-L and CLIP-G to encode text (T5 is optional)")
-        return cls(models.transformer, models.vae, text, latent_mode=latent_mode, tiles=tiles)
+        backbone = cls(models.transformer, models.vae, text, latent_mode=latent_mode, tiles=tiles)
+        return backbone.enable_compile() if compile else backbone
+
+    # --- switches -----------------------------------------------------------------------------
+
+    def enable_compile(self, transformer: bool = True, text: bool = True, vae: bool = False,
+                       mode: str | None = None, backend: str = "inductor") -> "CoZSD3Backbone":
+        """torch.compile the step's models in place (``Module.compile``: same modules, same weights).
+
+        Regional compilation, as diffusers' ``compile_repeated_blocks``: each repeated block (the
+        transformer's ``JointTransformerBlock``; with ``text``, CLIP's and T5's layers: the classes a
+        model lists in ``_repeated_blocks`` or ``_no_split_modules``) is compiled once per block type
+        and reused by every instance, so compiling takes seconds, not minutes. ``vae``: also the VAE's
+        encoder and decoder as wholes (once per tile size). Compiling happens on the first call, once
+        per loaded model. ``mode``: torch.compile's (None: its default)."""
+        options = {"mode": mode, "backend": backend, "dynamic": False}
+        # every compiled block shares Module._call_impl's code object, whose compiled variants
+        # (one per block type) are capped by this limit; beyond it dynamo would silently run eager
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        models = [self.transformer] if transformer else []
+        if text and self.text_encoder is not None:
+            models += [m for m in self.text_encoder.models.values() if m is not None]
+        for model in models:
+            blocks = set(getattr(model, "_repeated_blocks", None) or getattr(model, "_no_split_modules", None) or ())
+            found = [m for m in model.modules() if type(m).__name__ in blocks]
+            if not found:
+                raise ValueError(f"{type(model).__name__} names no repeated blocks to compile ({sorted(blocks)})")
+            for module in found:
+                module.compile(**options)
+        if vae:
+            self.vae.encoder.compile(**options)
+            self.vae.decoder.compile(**options)
+        self.compiled = True
+        return self
+
+    def modules(self) -> list[torch.nn.Module]:
+        """Every model of the step (transformer, VAE, text encoders): what moves to offload it."""
+        text = [] if self.text_encoder is None else [m for m in self.text_encoder.models.values() if m is not None]
+        return [self.transformer, self.vae, *text]
 
     # --- pieces of the step -------------------------------------------------------------------
 

@@ -108,16 +108,37 @@ class UpcastLinear(torch.nn.Linear):
         return torch.nn.functional.linear(x * scale, weight, bias)
 
 
+class ScaledUpcastLinear(UpcastLinear):
+    """An :class:`UpcastLinear` whose float8 weight rows carry a float32 scale (row max / 448).
+
+    Unscaled e4m3 flushes weights below 2^-9 to zero and keeps 3 bits for those above; per-row
+    scales use the whole range for each output channel (the usual fp8 weight-only storage).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x, self.stored_weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
 def store_linears(model: torch.nn.Module, dtype: torch.dtype, scales: dict[str, torch.Tensor] | None = None,
-                  skip: frozenset[str] = frozenset()) -> torch.nn.Module:
+                  skip: frozenset[str] = frozenset(), scaled: bool = False) -> torch.nn.Module:
     """Keep every Linear weight of ``model`` in ``dtype`` (e.g. float8), computing in the input dtype.
 
-    ``scales``: module name -> scalar ``scale_weight`` of a scaled-fp8 file; ``skip``: modules left as they are."""
+    ``scales``: module name -> scalar ``scale_weight`` of a scaled-fp8 file; ``skip``: modules left
+    as they are; ``scaled``: one float32 scale per output row (for models whose weights were not
+    trained or saved in float8, e.g. SD3's transformer; ComfyUI's plain T5 fp8 files are casts)."""
     scales = scales or {}
     for name, module in model.named_modules():
         if type(module) is torch.nn.Linear and name not in skip:
-            weight = module.weight.data.to(dtype)
-            module.__class__ = UpcastLinear
+            weight = module.weight.data
+            if scaled:
+                scale = weight.float().abs().amax(dim=1).clamp_min(1e-12) / torch.finfo(dtype).max
+                module.__class__ = ScaledUpcastLinear
+                module.register_buffer("weight_scale", scale)
+                weight = (weight.float() / scale[:, None]).to(dtype)
+            else:
+                weight = weight.to(dtype)
+                module.__class__ = UpcastLinear
             module.register_parameter("weight", None)
             module.register_buffer("stored_weight", weight)
             if name in scales:
