@@ -60,14 +60,13 @@ def evaluate_image(
     rows = []
     for method in methods:
         cfg = ChainConfig(**{**config.__dict__, "mode": METHODS[method]})
+        progress = (lambda s: on_scale(method, s.index) if s.index else None) if on_scale else None
         result = run_chain(image, backbone if cfg.mode in MODEL_MODES else None, cfg,
-                           prompt_source if cfg.mode in MODEL_MODES else None)
+                           prompt_source if cfg.mode in MODEL_MODES else None, on_step=progress)
         for step in result.steps[1:]:
             pixels = to_uint8(step.image[0])
             rows.append(Row(name, method, round(result.zoom_of(step), 6),
                             {m: score(m, pixels) for m in metrics}))
-            if on_scale:
-                on_scale(method, step.index)
     return rows
 
 

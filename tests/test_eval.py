@@ -134,3 +134,15 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_mean_table_skips_nan_and_formats():
+    from coz_core.evaluate import Row, format_table, mean_table
+
+    rows = [Row("a", "CoZ", 4, {"niqe": 4.0}), Row("b", "CoZ", 4, {"niqe": 6.0}),
+            Row("c", "CoZ", 4, {"niqe": math.nan}), Row("a", "bicubic", 16, {"niqe": 9.0})]
+    table = mean_table(rows, ["niqe"])
+    assert table[("CoZ", 4)]["niqe"] == 5.0 and table[("bicubic", 16)]["niqe"] == 9.0
+    text = format_table(table, ["niqe"], 3)
+    assert text.splitlines()[0] == "| method | 4x NIQE↓ | 16x NIQE↓ |"
+    assert "| CoZ | 5.00 |  |" in text and "| bicubic |  | 9.00 |" in text
