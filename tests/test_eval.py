@@ -21,7 +21,11 @@ def skvideo_niqe():
     1.3) are gone. Both are restored here for the call only, as those versions defined them
     (imresize: Pillow resize of the float32 'F' image to int(size * 0.5)).
     """
-    import scipy.misc
+    import warnings
+
+    with warnings.catch_warnings():  # scipy.misc is deprecated; only its removed imresize is restored
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import scipy.misc
 
     def imresize(arr, size, interp="bilinear", mode=None):
         im = Image.fromarray(arr, mode=mode)
