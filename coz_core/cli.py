@@ -20,7 +20,6 @@ from . import __version__
 from .color import COLOR_METHODS
 from . import factory, policy
 from .imageops import IMAGE_SUFFIXES, load_image, resize, save_image
-from .prompt.base import FixedPrompts
 from .zoom import MODES, ChainConfig, ChainResult, ZoomStep, run_chain
 
 

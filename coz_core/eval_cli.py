@@ -12,12 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-import torch
-
-from . import cli
-from .device import default_device, parse_dtype
+from . import cli, policy
 from .evaluate import METHODS, evaluate_image, format_table, mean_table, plot, write_csv
 from .imageops import load_image
 from .metrics import METRICS, check_available
@@ -73,13 +69,12 @@ def main(argv: list[str] | None = None) -> int:
                              f"scales); got {config.size[0]}x{config.size[1]}")
         inputs = cli.collect_inputs(args.inputs)
         images = [(path, load_image(path)) for path in inputs]
-        device = torch.device(args.device) if args.device else default_device()
-        dtype = parse_dtype(args.precision)
+        device = policy.parse_device(args.device)
         needs_model = any(METHODS[m] in ("onestep", "recursive_multiscale") for m in methods)
-        backbone = cli.build_backbone(args, device, dtype) if needs_model else None
+        backbone = cli.build_backbone(args, device) if needs_model else None
         for m in methods:
             ChainConfig(**{**config.__dict__, "mode": METHODS[m]}).validate(backbone)
-        prompts = cli.build_prompt_source(args, device, dtype) if needs_model else None
+        prompts = cli.build_prompt_source(args, device) if needs_model else None
     except (ValueError, FileNotFoundError, OSError, ImportError) as exc:
         print(f"coz-eval: {exc}", file=sys.stderr)
         return 2
