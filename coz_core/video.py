@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from .imageops import resize
+from .imageops import resample_weights
 from .zoom import Box, ChainResult
 
 DIRECTIONS = ("in", "out", "pingpong")
@@ -218,9 +218,10 @@ class ZoomVideo:
     def _render(self, k: int, view: Box, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Scale ``k`` resampled over ``view`` into ``size`` = (w, h) pixels (default the frame's)."""
         image, box = self.scales[k], self.boxes[k]
-        region = _in_pixels(view, box, image.shape[-1], image.shape[-2])
+        left, top, right, bottom = _in_pixels(view, box, image.shape[-1], image.shape[-2])
         width, height = size or self.size
-        return resize(image, (height, width), "bicubic", box=region, cached=False)
+        rows = _resample(image, -2, height, top, bottom)
+        return _resample(rows, -1, width, left, right)
 
     def _mask(self, view: Box, inner: Box, weight: float, device: torch.device) -> torch.Tensor:
         """[h, w] weight of the next scale: ``weight`` inside ``inner``, feathered at its edge over
@@ -268,6 +269,19 @@ class ZoomVideo:
         for start in range(0, len(self), size):
             stop = min(start + size, len(self))
             yield start, torch.stack([self[i] for i in range(start, stop)])
+
+
+def _resample(image: torch.Tensor, dim: int, size: int, start: float, stop: float) -> torch.Tensor:
+    """``image`` resampled along ``dim`` (-2: rows, -1: columns) to ``size`` samples of the span
+    start..stop with Pillow's bicubic, as ``imageops.resize(box=...)`` does, but only over the
+    source pixels the span's kernels reach (a frame deep in a step reads a fraction of its scale)."""
+    matrix = resample_weights(image.shape[dim], size, "bicubic", start, stop)
+    used = matrix.abs().sum(0).nonzero()
+    a, b = int(used[0]), int(used[-1]) + 1
+    weights = matrix[:, a:b].to(image.device, image.dtype)
+    if dim == -2:
+        return torch.matmul(weights, image[..., a:b, :])
+    return torch.matmul(image[..., a:b], weights.T)
 
 
 def _check_nested(outer: Box, inner: Box, k: int) -> None:
