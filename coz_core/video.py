@@ -12,11 +12,13 @@ over the first ``ease`` of the pass and slows down over the last (velocity ramps
 
 Rendering. Each frame is resampled from the sharpest scale whose box covers the whole view
 (scale k while the view lies between ``box_k`` and ``box_k+1``), with Pillow's bicubic on the
-view's exact sub-pixel region (``imageops.resize(box=...)``, antialiased when shrinking). Over the
-last ``blend`` of each step the next scale fades in over the part of the frame it covers: its
-weight rises smoothly with time, with a feathered edge inside its box that narrows to nothing as
-the box reaches the frame's edges, so no frame jumps and the frame at scale k's own zoom is
-exactly scale k. Frames are made one at a time on demand (memory: the scales and one frame).
+view's exact sub-pixel region (the coefficients of ``imageops.resize(box=...)``, antialiased
+when shrinking). Over the last ``blend`` of each step the next scale fades in over the part of
+the frame it covers: its weight rises smoothly with time, with a feathered edge inside its box
+that narrows to nothing as the box reaches the frame's edges, so no frame jumps and the frame at
+scale k's own zoom is exactly scale k. The thin strip of the frame that the next box reaches only
+at the handover itself keeps scale k until then (it moves with the zoom's own motion there).
+Frames are made one at a time on demand (memory: the scales and one frame).
 
 Order. A pass zooms in over N frames (frame 0 = scale 0, frame N-1 = the last scale);
 ``out`` plays it backwards and ``pingpong`` plays it in and back out without repeating either
@@ -163,7 +165,8 @@ class ZoomVideo:
                 raise ValueError(f"scale {k} has shape {tuple(image.shape)}; expected [{batch}, 3, H, W] "
                                  "like scale 0")
         self.scales = list(scales)
-        self.boxes = [Box(*map(float, b.as_list())) if isinstance(b, Box) else Box(*map(float, b)) for b in boxes]
+        # Box objects (of any import of coz_core) or (left, top, right, bottom) sequences
+        self.boxes = [Box(*map(float, b.as_list() if hasattr(b, "as_list") else b)) for b in boxes]
         for k in range(len(self.boxes) - 1):
             _check_nested(self.boxes[k], self.boxes[k + 1], k)
         width, height = self.config.size or (scales[0].shape[-1], scales[0].shape[-2])
@@ -178,10 +181,6 @@ class ZoomVideo:
     @classmethod
     def from_chain(cls, result: ChainResult, config: VideoConfig | None = None) -> "ZoomVideo":
         return cls([s.image for s in result.steps], [s.box for s in result.steps], config)
-
-    @property
-    def batch(self) -> int:
-        return self.scales[0].shape[0]
 
     def __len__(self) -> int:
         return len(self.order)
