@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..policy import VLM_TOKENS
 from .base import PromptRequest
 from .clean import CLIP_TOKENS, clean_prompt
 from .vision import pixel_limits, prepare_images
@@ -35,7 +36,7 @@ MULTISCALE_SYSTEM = (
     "second image? Give me a set of words."
 )
 SINGLE_SYSTEM = "What is in this image? Give me a set of words."
-MAX_NEW_TOKENS = 128
+MAX_NEW_TOKENS = VLM_TOKENS
 IMAGE_TOKEN = "<|image_pad|>"
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
@@ -283,7 +284,7 @@ class QwenPromptSource:
     ``sample``: sample instead of decoding greedily; with a ``seed`` step k uses seed + k and is
     reproducible (``seed=None``: fresh randomness).
     ``clean``: turn the answer into a tag-like prompt within ``token_budget`` CLIP tokens, leaving
-    room for ``user_prompt`` (the text the chain appends); ``clean=False`` keeps the reference's raw
+    room for the request's ``user_prompt`` (the text the chain appends); ``clean=False`` keeps the reference's raw
     answer (stripped). ``count_tokens``: the SR text encoder's token counter, when available.
     """
 
@@ -297,7 +298,6 @@ class QwenPromptSource:
     repetition_penalty: float | None = None  # None: the model folder's
     clean: bool = True
     token_budget: int = CLIP_TOKENS
-    user_prompt: str = ""
     count_tokens: Callable[[str], int] | None = None
     records: list[PromptRecord] = field(default_factory=list)
 
@@ -321,16 +321,17 @@ class QwenPromptSource:
         with torch.random.fork_rng(devices=devices, enabled=seeded):
             if seeded:
                 torch.manual_seed(self.seed + request.step)
-            return [self._one(request.step, i, images, system) for i, (images, system) in enumerate(chats)]
+            return [self._one(request.step, i, images, system, request.user_prompt)
+                    for i, (images, system) in enumerate(chats)]
 
-    def _one(self, step: int, index: int, images: list[np.ndarray], system: str) -> str:
+    def _one(self, step: int, index: int, images: list[np.ndarray], system: str, user_prompt: str) -> str:
         start = time.perf_counter()
         raw, new_tokens = self.vlm.generate(
             self.vlm.inputs(images, system), self.max_new_tokens, self.sample, self.temperature,
             self.top_p, self.top_k, self.repetition_penalty,
         )
         if self.clean:
-            prompt = clean_prompt(raw, self.token_budget, self.user_prompt, self.count_tokens)
+            prompt = clean_prompt(raw, self.token_budget, user_prompt, self.count_tokens)
         else:
             prompt = raw.strip()
         self.records.append(PromptRecord(step, index, raw, prompt, new_tokens, time.perf_counter() - start))
