@@ -57,7 +57,7 @@ def main() -> None:
 
     print(f"{args.steps} steps, {args.size}x{args.size}, {args.frames_per_step} frames/step, device {args.device}, "
           f"torch threads {torch.get_num_threads()}")
-    print(f"| what | frames | seconds | ms/frame | frames/s |\n| --- | --- | --- | --- | --- |")
+    print("| what | frames | seconds | ms/frame | frames/s |\n| --- | --- | --- | --- | --- |")
     for name, n, s in rows:
         print(f"| {name} | {n} | {s:.1f} | {1000 * s / n:.0f} | {n / s:.1f} |")
     frame_mb = args.size * args.size * 3 * 4 / 2**20

@@ -89,8 +89,9 @@ class ZoomLoopStart:
             mask_region = torch.zeros(1, 1, 1).expand(1, box[3] - box[1], box[2] - box[0])  # no memory
         else:
             mask_region = crop(state.masks[-1], box).clone()
+        boxes = state.boxes + (state.boxes[-1].sub(box, size),)  # the region of the input step k shows
         handed = ZoomLoopState(unique_id, state.steps, size, state.step, center_in_crop(state.target, box, size),
-                               state.scales, state.prompts, state.masks, state.boxes + (state.boxes[-1].sub(box, size),))
+                               state.scales, state.prompts, state.masks, boxes)
         return handed, previous, image_out(zoomed), region, state.step, mask_region
 
 

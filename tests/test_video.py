@@ -1,7 +1,8 @@
 """Zoom videos (coz_core.video): every frame against an independent computation of its view and
-its crop (the similarity between two boxes raised to a fractional power for the camera path, a numerically integrated speed
-profile for the easing, Pillow's resize(box=...) for the crop), no jump at scale changes, frame
-order, the encoded file decoded by PyAV, the node and the command line."""
+its crop (the similarity between two boxes raised to a fractional power, by eigendecomposition,
+for the camera path; a numerically integrated speed profile for the easing; Pillow's
+resize(box=...) for the crop), no jump at scale changes, frame order, the encoded file decoded by
+PyAV, and the command line."""
 import math
 
 import numpy as np
@@ -141,7 +142,8 @@ def test_frames_at_a_scale_s_zoom_are_that_scale_and_blends_stay_between_the_two
         ix, iy = (x - inner_box.left) * sx, (y - inner_box.top) * sy
         exact = torch.from_numpy(((ix > 2) & (ix < 30))[None, :] & ((iy > 2) & (iy < 30))[:, None])
         both = torch.stack([outer[:, exact], inner[:, exact]])
-        assert (frame[:, exact] >= both.min(0).values - 2e-4).all() and (frame[:, exact] <= both.max(0).values + 2e-4).all()
+        low, high = both.min(0).values - 2e-4, both.max(0).values + 2e-4
+        assert (frame[:, exact] >= low).all() and (frame[:, exact] <= high).all()
         weight = ((f - 0.5) / 0.5) ** 2 * (3 - 2 * (f - 0.5) / 0.5)
         mid = torch.lerp(outer[:, 16, 16], inner[:, 16, 16], weight)
         assert (frame[:, 16, 16] - mid).abs().max() < 2e-4, f"frame {i}"
