@@ -113,13 +113,11 @@ def resize(
     size: tuple[int, int],
     filter: str = "bicubic",
     box: tuple[float, float, float, float] | None = None,
-    cached: bool = True,
 ) -> torch.Tensor:
     """Resize [..., H, W] to ``size`` = (height, width) exactly as Pillow would on float data.
 
     ``box`` = (left, top, right, bottom) in input pixels selects a (sub-pixel) source region,
     as Pillow's ``resize(box=...)`` does. No clamping: callers clamp when they need 0..1.
-    ``cached=False`` for one-off boxes (video frames), so they do not crowd the matrix cache.
     """
     if filter not in FILTERS:
         raise ValueError(f"unknown filter {filter!r}; choose one of {FILTERS}")
@@ -131,9 +129,8 @@ def resize(
     if (out_h, out_w) == (in_h, in_w) and (left, top, right, bottom) == (0, 0, in_w, in_h):
         return image.clone()
     work = image if image.dtype in (torch.float32, torch.float64) else image.float()
-    weights = _weights if cached else _weights.__wrapped__
-    wy = weights(in_h, out_h, filter, float(top), float(bottom)).to(work.device, work.dtype)
-    wx = weights(in_w, out_w, filter, float(left), float(right)).to(work.device, work.dtype)
+    wy = _weights(in_h, out_h, filter, float(top), float(bottom)).to(work.device, work.dtype)
+    wx = _weights(in_w, out_w, filter, float(left), float(right)).to(work.device, work.dtype)
     out = torch.matmul(torch.matmul(wy, work), wx.T)
     return out.to(image.dtype) if out.dtype != image.dtype else out
 
