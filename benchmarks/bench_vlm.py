@@ -75,10 +75,14 @@ def count_parameters(config) -> int:
 
 
 def build_vlm(scale: float, dtype: torch.dtype, device: str, tokenizer, ids) -> QwenVL:
+    return vlm_from_config(make_config(scale, ids), dtype, device, tokenizer, ids)
+
+
+def vlm_from_config(config, dtype: torch.dtype, device: str, tokenizer, ids) -> QwenVL:
+    """A QwenVL with random weights built directly on ``device`` (benchmarks/bench_gpu.py uses it too)."""
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
     from transformers import Qwen2VLImageProcessorPil as ImageProcessor
 
-    config = make_config(scale, ids)
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)

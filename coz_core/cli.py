@@ -68,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedded Real-ESRGAN name (x4plus, x4plus_anime, animevideov3) or a "
                    "Real-ESRGAN .safetensors/.pth file (default x4plus)")
     p.add_argument("--prompt", default="", help="user prompt appended to every step's prompt")
-    p.add_argument("--precision", default="auto", choices=policy.PRECISIONS,
+    p.add_argument("--precision", default="auto", choices=policy.SD3_PRESETS,
                    help="model precision (auto: bf16 where the device runs it well, else fp32; for SD3 "
-                   "a preset: auto keeps the VAE in fp32 as the reference)")
+                   "a preset: auto keeps the VAE in fp32 as the reference; reference (SD3 only): "
+                   "upstream's own precision bit for bit, slower)")
     p.add_argument("--device", default=None, help="torch device (default: first CUDA GPU, else CPU)")
     p.add_argument("--seed", type=int, default=42, help="seed for sampling backbones (default 42, as the reference)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -112,7 +113,8 @@ def build_prompt_source(args: argparse.Namespace, device: torch.device):
     """Qwen2.5-VL with --vlm, else fixed per-step texts (possibly none)."""
     if args.vlm is None:
         return factory.fixed_prompt_source(args.step_prompts.split("|") if args.step_prompts else "")
-    return factory.vlm_prompt_source(args.vlm, device, args.precision, adapter=args.vlm_adapter,
+    precision = args.precision if args.precision in policy.PRECISIONS else "auto"  # an SD3-only preset
+    return factory.vlm_prompt_source(args.vlm, device, precision, adapter=args.vlm_adapter,
                                      max_new_tokens=args.vlm_tokens)
 
 
@@ -137,6 +139,9 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
 def build_backbone(args: argparse.Namespace, device: torch.device):
     """The SR backbone the arguments ask for: CoZ SD3 with --sd3, else a Real-ESRGAN model."""
     if args.sd3 is None:
+        if args.precision not in policy.PRECISIONS:
+            raise ValueError(f"--precision {args.precision} is a preset of the CoZ SD3 backbone (--sd3) only; "
+                             f"choose one of {', '.join(policy.PRECISIONS)}")
         return factory.upscale_backbone(args.backbone, device, args.precision)
     if args.coz_lora is None or args.coz_vae is None:
         print("coz-zoom: warning: without --coz-lora and --coz-vae this is plain SD3, not CoZ",
@@ -153,7 +158,7 @@ def make_strip(result: ChainResult, height: int = 256) -> torch.Tensor:
     """All scales side by side (first batch element), each with the next zoom box outlined."""
     tiles = []
     for i, step in enumerate(result.steps):
-        img = step.image[:1].clone()
+        img = step.image[:1].clone().cpu()
         nxt = result.steps[i + 1] if i + 1 < len(result.steps) else None
         if nxt is not None and nxt.crop is not None and result.config.mode not in ("onestep", "bicubic", "nearest"):
             l, t, r, b = nxt.crop
@@ -223,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             backbone = build_backbone(args, device)
         config.validate(backbone)
         prompts = build_prompt_source(args, device)
+        if args.sd3 is not None and policy.sd3_setup(args.precision, device).take_turns:
+            from .residency import take_turns
+
+            backbone, prompts = take_turns(backbone, prompts, device)
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"coz-zoom: {exc}", file=sys.stderr)
         return 2

@@ -87,16 +87,19 @@ def sd3_backbone(
     VAE encoder merged in (None for either leaves plain SD3, for comparisons only).
 
     ``text_encoders``: which of clip_l, clip_g, t5 to load (none: conditioning comes from outside,
-    e.g. ComfyUI's CLIPTextEncode); ``precision``: an SD3 preset of :mod:`coz_core.policy`."""
+    e.g. ComfyUI's CLIPTextEncode); ``precision``: an SD3 preset of :mod:`coz_core.policy`
+    (``policy.SD3_PRESETS``; a preset that makes the VLM and SD3 take turns is applied by the
+    caller: :func:`coz_core.residency.take_turns` outside ComfyUI, its model management inside)."""
     from .sr.coz_sd3 import CoZSD3Backbone
 
     unknown = set(text_encoders) - set(TEXT_ENCODERS)
     if unknown:
         raise ValueError(f"unknown text encoders {sorted(unknown)}; choose from {TEXT_ENCODERS}")
+    setup = policy.sd3_setup(precision, device)
     return CoZSD3Backbone.from_files(
         sd3, coz_lora, coz_vae, clip_l=clip_l, clip_g=clip_g, t5=t5 if "t5" in text_encoders else None,
-        text_encoders=tuple(text_encoders), tokenizers=tokenizers,
-        precision=policy.sd3_precision(precision, device), device=load_device or device,
+        text_encoders=tuple(text_encoders), tokenizers=tokenizers, precision=setup.precision,
+        transformer_fp8=setup.transformer_fp8, compile=setup.compile, device=load_device or device,
         latent_mode=latent_mode,
     )
 

@@ -100,6 +100,13 @@ def _weights(in_size: int, out_size: int, filter: str, in0: float, in1: float) -
     return torch.from_numpy(matrix)
 
 
+@lru_cache(maxsize=256)
+def _placed_weights(in_size: int, out_size: int, filter: str, in0: float, in1: float,
+                    device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_weights` on ``device`` in ``dtype``, kept there: no host copy per resize on a GPU."""
+    return _weights(in_size, out_size, filter, in0, in1).to(device, dtype)
+
+
 def resample_weights(in_size: int, out_size: int, filter: str, start: float, stop: float) -> torch.Tensor:
     """Pillow's [out_size, in_size] resampling matrix (float64) for the source span start..stop,
     computed afresh: for one-off spans (video frames) that would only crowd resize's cache."""
@@ -129,8 +136,8 @@ def resize(
     if (out_h, out_w) == (in_h, in_w) and (left, top, right, bottom) == (0, 0, in_w, in_h):
         return image.clone()
     work = image if image.dtype in (torch.float32, torch.float64) else image.float()
-    wy = _weights(in_h, out_h, filter, float(top), float(bottom)).to(work.device, work.dtype)
-    wx = _weights(in_w, out_w, filter, float(left), float(right)).to(work.device, work.dtype)
+    wy = _placed_weights(in_h, out_h, filter, float(top), float(bottom), work.device, work.dtype)
+    wx = _placed_weights(in_w, out_w, filter, float(left), float(right), work.device, work.dtype)
     out = torch.matmul(torch.matmul(wy, work), wx.T)
     return out.to(image.dtype) if out.dtype != image.dtype else out
 

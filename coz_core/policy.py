@@ -11,7 +11,7 @@ host adapter (nodes/host.py) only supplies the device ComfyUI picked.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -111,7 +111,7 @@ def warn_slow_precision(dtype: torch.dtype, device: torch.device) -> str | None:
 
 # --- SD3 presets ---------------------------------------------------------------------------
 
-SD3_PRESETS = PRECISIONS
+SD3_PRECISIONS = (*PRECISIONS, "reference")
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,9 @@ class SD3Precision:
     t5: torch.dtype = torch.bfloat16  # T5 compute dtype (float16 overflows in T5-XXL)
     # keep T5's linear weights in float8 e4m3, upcast per layer; None: when the file stores float8
     t5_fp8: bool | None = None
+    # CoZ's AdaLayerNormZero LoRA: "merged" into the weights (fast) or "reference" (kept apart and
+    # rounded to float16 as upstream's layer does; see coz_weights.ReferenceLoraLinear)
+    adaln_lora: str = "merged"
 
 
 def sd3_precision(preset: str, device: torch.device) -> SD3Precision:
@@ -132,15 +135,65 @@ def sd3_precision(preset: str, device: torch.device) -> SD3Precision:
     ``auto``: transformer in :func:`auto_dtype`, VAE in float32 (as the reference), CLIPs in
     float16 on GPUs (the reference's choice) and in the auto dtype elsewhere, T5 in bfloat16
     where supported. ``fp32`` / ``bf16`` / ``fp16``: everything in that dtype, except T5, which
-    stays bfloat16 unless fp32 (float16 overflows in T5-XXL)."""
+    stays bfloat16 unless fp32 (float16 overflows in T5-XXL). ``reference``: upstream's own
+    precision, bit for bit: transformer and VAE in float32 with CoZ's LoRA unmerged and its
+    modulations rounded to float16, CLIPs and T5 in float16 (T5's ``wo`` kept in float32, as
+    transformers keeps it); slower, for checking results against the reference code."""
+    if preset == "reference":
+        return SD3Precision(transformer=torch.float32, vae=torch.float32, text=torch.float16, t5=torch.float16,
+                            adaln_lora="reference")
     if preset == "auto":
         dtype = auto_dtype(device)
-        half = dtype if dtype != torch.float32 else torch.float32
-        text = torch.float16 if device.type == "cuda" else half
+        text = torch.float16 if device.type == "cuda" else dtype
         t5 = torch.bfloat16 if dtype != torch.float32 or device.type == "cuda" else torch.float32
         return SD3Precision(transformer=dtype, vae=torch.float32, text=text, t5=t5)
     if preset not in DTYPES:
-        raise ValueError(f"unknown SD3 precision preset {preset!r}; choose one of {', '.join(SD3_PRESETS)}")
+        raise ValueError(f"unknown SD3 precision preset {preset!r}; choose one of {', '.join(SD3_PRECISIONS)}")
     dtype = DTYPES[preset]
     return SD3Precision(transformer=dtype, vae=dtype, text=dtype,
-                     t5=torch.float32 if dtype == torch.float32 else torch.bfloat16)
+                        t5=torch.float32 if dtype == torch.float32 else torch.bfloat16)
+
+
+# --- speed and memory presets (SD3 with the VLM beside it) -----------------------------------
+# Additive to the precision presets above; benchmarks/bench_gpu.py measures each with full-size
+# models beside Qwen2.5-VL-3B in bf16 (targets: compact within 16 GiB, lowvram within 10 GiB).
+# - ``fast``: bf16 VAE (its difference from fp32 is measured in the bench and the tests) and
+#   regional torch.compile of the transformer and text encoders (CUDA only; once per model).
+# - ``compact``: ``fast`` with the transformer's linear weights stored in float8 (per-row scaled,
+#   upcast per layer) and T5 in float8: every model resident, ~2 GiB less than ``auto``.
+# - ``lowvram``: ``compact`` without compilation, and the VLM and SD3 take turns on the GPU
+#   (outside ComfyUI: coz_core/residency.py; inside it, ComfyUI's model management).
+SD3_SPEED_PRESETS = ("fast", "compact", "lowvram")
+SD3_PRESETS = (*SD3_PRECISIONS, *SD3_SPEED_PRESETS)  # what the CLI and the SD3 loader node offer
+
+
+@dataclass(frozen=True)
+class SD3Setup:
+    """How SD3 is stored, compiled and placed: the dtypes plus storage and residency switches."""
+
+    precision: SD3Precision
+    transformer_fp8: bool = False  # linear weights in float8 e4m3 with per-row scales
+    compile: bool = False  # CoZSD3Backbone.enable_compile (CUDA only)
+    take_turns: bool = False  # the VLM leaves the GPU while SD3 runs, and SD3 while the VLM runs
+
+
+def sd3_setup(preset: str, device: torch.device) -> SD3Setup:
+    """The :class:`SD3Setup` of a precision preset (``auto``, ``fp32``...) or a speed preset."""
+    if preset not in SD3_SPEED_PRESETS:
+        return SD3Setup(sd3_precision(preset, device))
+    precision = sd3_precision("auto", device)
+    if precision.transformer != torch.float32:
+        precision = replace(precision, vae=precision.transformer)
+    cuda = device.type == "cuda"
+    if preset == "fast":
+        return SD3Setup(precision, compile=cuda)
+    compact = replace(precision, t5_fp8=True)
+    if preset == "compact":
+        return SD3Setup(compact, transformer_fp8=True, compile=cuda)
+    return SD3Setup(compact, transformer_fp8=True, take_turns=True)
+
+
+def vlm_fast_decode(device: torch.device, force: bool | None = None) -> bool:
+    """Whether the VLM decodes through a static KV cache with compiled, CUDA-graph decoding:
+    on for CUDA, off elsewhere (``force`` overrides)."""
+    return device.type == "cuda" if force is None else bool(force)

@@ -244,6 +244,13 @@ def scale_zero(
     return crop(resized, box).contiguous(), region, center_in_crop(center, box, (rw, rh))
 
 
+def _clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work (so the step's timings add up on GPUs too)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def run_chain(
     image: torch.Tensor,
     backbone: SRBackbone | None = None,
@@ -251,21 +258,27 @@ def run_chain(
     prompt_source: PromptSource | None = None,
     on_step: Callable[[ZoomStep], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    device: torch.device | str | None = None,
 ) -> ChainResult:
     """Run the zoom chain on every image of the batch ``image`` [B, C, H, W] (float 0..1).
 
     ``on_step`` is called after every scale (scale 0 included); ``should_stop`` is asked before
-    every step and ends the chain cleanly, returning the scales done so far.
+    every step and ends the chain cleanly, returning the scales done so far. ``device``: where the
+    scales live and are cropped, resized and colour-fixed (None: the backbone's device, so nothing
+    crosses to the host between steps; the input's device when there is no backbone).
     """
     config = config or ChainConfig()
     config.validate(backbone)
-    image = prepare_input(image)
+    if device is None:
+        device = getattr(backbone, "device", None) or image.device
+    device = torch.device(device)
+    image = prepare_input(image.to(device))
     in_w, in_h = image.shape[-1], image.shape[-2]
     source = prompt_source or FixedPrompts("")
 
-    t0 = time.perf_counter()
+    t0 = _clock(device)
     first, region, target = scale_zero(image, config.size, config.center)
-    steps = [ZoomStep(0, first, None, [], region, None, {"total": time.perf_counter() - t0})]
+    steps = [ZoomStep(0, first, None, [], region, None, {"total": _clock(device) - t0})]
     if on_step:
         on_step(steps[0])
     size_wh = config.size
@@ -275,7 +288,7 @@ def run_chain(
         if should_stop and should_stop():
             cancelled = True
             break
-        t_start = time.perf_counter()
+        t_start = _clock(device)
         if config.mode in DIRECT_MODES:
             source_step = steps[0]
             box = zoom_box(size_wh, config.zoom**k, target)
@@ -290,16 +303,16 @@ def run_chain(
         if config.mode in ("bicubic", "nearest"):
             out, prompts = zoomed, []
         else:
-            t = time.perf_counter()
+            t = _clock(device)
             request = PromptRequest(steps[-1].image, zoomed, k, multiscale=config.mode == "recursive_multiscale",
                                     user_prompt=config.user_prompt)
             generated = source(request)  # also for prompt-free backbones: the chain records it
             prompts = [compose_prompt(g, config.user_prompt) for g in generated]
-            seconds["prompt"] = time.perf_counter() - t
-            t = time.perf_counter()
+            seconds["prompt"] = _clock(device) - t
+            t = _clock(device)
             seed = None if config.seed is None else config.seed + k
             out = backbone(SRRequest(region_px, zoomed, prompts, seed=seed))
-            seconds["model"] = time.perf_counter() - t
+            seconds["model"] = _clock(device) - t
             if out.shape != zoomed.shape:
                 raise RuntimeError(
                     f"the {backbone.name} backbone returned {tuple(out.shape)}, expected {tuple(zoomed.shape)}"
@@ -307,7 +320,7 @@ def run_chain(
             out = align_color(out.float().clamp(0, 1), zoomed, config.color)
         if config.mode not in DIRECT_MODES:
             target = center_in_crop(target, box, size_wh)
-        seconds["total"] = time.perf_counter() - t_start
+        seconds["total"] = _clock(device) - t_start
         steps.append(ZoomStep(k, out, zoomed, prompts, shown, box, seconds))
         if on_step:
             on_step(steps[-1])

@@ -48,10 +48,12 @@ class LoadCoZSD3:
             "required": {
                 "sd3": (sd3_sources(), {"tooltip": "SD3 medium: a folder in models/diffusers or "
                                                    "sd3_medium.safetensors in models/checkpoints."}),
-                "coz_lora": (coz, {"tooltip": "CoZ's SR LoRA (model_20001.pkl or its .safetensors) in models/coz. "
-                                              "none = plain SD3 (for comparisons only)."}),
-                "coz_vae_encoder": (coz, {"tooltip": "CoZ's VAE encoder (vae_encoder_20001.pt or its "
-                                                     ".safetensors) in models/coz."}),
+                "coz_lora": (coz, {"tooltip": "CoZ's SR LoRA (model_20001.pkl or its .safetensors) in models/coz, "
+                                              "or Wan2GP's CoZ_sd3_medium_srlora_bf16.safetensors (replaces SD3's "
+                                              "transformer). none = plain SD3 (for comparisons only)."}),
+                "coz_vae_encoder": (coz, {"tooltip": "CoZ's VAE encoder (vae_encoder_20001.pt or its .safetensors) "
+                                                     "in models/coz, or Wan2GP's CoZ_sd3_vae_srlora_bf16.safetensors "
+                                                     "(replaces SD3's VAE)."}),
                 "clip_l": (text, {"tooltip": "CLIP-L text encoder file (models/text_encoders), or the SD3 model's own."}),
                 "clip_g": (text, {"tooltip": "CLIP-G text encoder file (models/text_encoders), or the SD3 model's own."}),
                 "t5": (text, {"tooltip": "T5-XXL text encoder file (models/text_encoders), or the SD3 model's own."}),

@@ -13,6 +13,15 @@ Qwen2.5-VL processor cannot be built without torchvision (its video processor ne
 PIL image processor is the one the reference's processor used. Images are expanded into their
 ``<|image_pad|>`` tokens the way the Qwen processor does; the tests check the result against an
 independent construction.
+
+Fast decoding (on by default on CUDA, off elsewhere; ``QwenVL.fast_decode`` forces it): transformers'
+own ``StaticCache`` (one per loaded model, reset for every call, its length rounded up to a
+bucket) with generate's automatic compilation of the decoding step (``CompileConfig``, mode
+``reduce-overhead``: CUDA graphs). Every chain step reuses one compiled graph; compilation
+happens on the first call and is paid once per loaded model (transformers keeps the compiled call
+on the model).
+Greedy output is token-identical to plain ``generate`` (tests compare them on CPU with the static
+cache forced).
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ MULTISCALE_SYSTEM = (
 )
 SINGLE_SYSTEM = "What is in this image? Give me a set of words."
 MAX_NEW_TOKENS = VLM_TOKENS
+CACHE_BUCKET = 256  # static KV cache lengths are rounded up to this (one compiled graph for all steps)
 IMAGE_TOKEN = "<|image_pad|>"
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
@@ -64,6 +74,54 @@ class QwenVL:
     max_pixels: int
     repetition_penalty: float  # from the folder's generation_config.json (1.0 when absent)
     adapter: Path | None = None
+    # static KV cache + compiled decoding; None: policy.vlm_fast_decode (on for CUDA, off elsewhere)
+    fast_decode: bool | None = None
+    # torch.compile backend of the fast path ("eager": the capture without code generation, for
+    # tests on CPU; None: the static cache alone, not compiled)
+    compile_backend: str | None = "inductor"
+    first_fast_seconds: float | None = None  # the first fast call (compilation/capture included)
+    _compile_config: Any = field(default=None, repr=False)
+    _cache: Any = field(default=None, repr=False)  # (StaticCache, its device, its length)
+
+    def uses_fast_decode(self) -> bool:
+        """policy.vlm_fast_decode, where this transformers has what it needs (forcing it errors)."""
+        from ..policy import vlm_fast_decode
+
+        return vlm_fast_decode(self.device, self.fast_decode) and (self.fast_decode or _static_cache_sizing())
+
+    def _fast_options(self, prompt_len: int, max_new_tokens: int) -> dict[str, Any]:
+        """generate() options of the fast path: this model's own static cache, reset for every call.
+
+        One cache object for every call keeps its tensors at fixed addresses, so the CUDA graphs
+        captured on the first call replay on every later one (a fresh cache per call would make
+        them re-record); it is rebuilt only when a longer bucket is needed or the model moved."""
+        from transformers import CompileConfig, StaticCache
+
+        if not _static_cache_sizing():
+            import transformers
+
+            raise RuntimeError(
+                f"fast VLM decoding needs transformers with GenerationConfig.max_cache_len (5.2x); this is "
+                f"{transformers.__version__}: upgrade it or set fast_decode=False"
+            )
+        length = CACHE_BUCKET * -(-(prompt_len + max_new_tokens) // CACHE_BUCKET)
+        cache, where, size = self._cache or (None, None, 0)
+        if cache is None or size < length or where != self.device:
+            size = max(size, length)
+            cache = StaticCache(config=self.model.config, max_cache_len=size)
+            self._cache = (cache, self.device, size)
+        cache.reset()
+        name = "cache" if "cache" in inspect.signature(self.model.prepare_inputs_for_generation).parameters \
+            else "past_key_values"  # renamed in transformers 5.x
+        options: dict[str, Any] = {name: cache}
+        if self.compile_backend is None:
+            return {**options, "disable_compile": True}
+        if self._compile_config is None:
+            self._compile_config = CompileConfig(fullgraph=True, dynamic=False, backend=self.compile_backend,
+                                                 mode="reduce-overhead" if self.compile_backend == "inductor" else None)
+            # compile on whatever device the model is on (transformers compiles on CUDA by default)
+            self._compile_config._compile_all_devices = True
+        return {**options, "compile_config": self._compile_config}
 
     @property
     def device(self) -> torch.device:
@@ -106,6 +164,38 @@ class QwenVL:
         return out
 
     @torch.inference_mode()
+    def generate_ids(
+        self,
+        inputs: dict[str, torch.Tensor],
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        sample: bool = False,
+        temperature: float = 0.7,
+        top_p: float = 0.8,
+        top_k: int = 20,
+        repetition_penalty: float | None = None,
+        min_new_tokens: int | None = None,
+    ) -> torch.Tensor:
+        """The new token ids [n] for inputs from :meth:`inputs` (``min_new_tokens``: benchmarks)."""
+        device = self.device
+        batch = {k: v.to(device) for k, v in inputs.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        options: dict[str, Any] = {
+            "max_new_tokens": int(max_new_tokens), "do_sample": bool(sample),
+            "repetition_penalty": self.repetition_penalty if repetition_penalty is None else repetition_penalty,
+        }
+        if min_new_tokens is not None:
+            options["min_new_tokens"] = int(min_new_tokens)
+        if sample:
+            options.update(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
+        fast = self.uses_fast_decode()
+        if fast:
+            options.update(self._fast_options(int(batch["input_ids"].shape[1]), int(max_new_tokens)))
+        start = time.perf_counter()
+        output = self.model.generate(**batch, **options)
+        if fast and self.first_fast_seconds is None:
+            self.first_fast_seconds = time.perf_counter() - start
+        return output[0, batch["input_ids"].shape[1]:]
+
     def generate(
         self,
         inputs: dict[str, torch.Tensor],
@@ -117,19 +207,16 @@ class QwenVL:
         repetition_penalty: float | None = None,
     ) -> tuple[str, int]:
         """(decoded answer, number of new tokens) for inputs from :meth:`inputs`."""
-        device = self.device
-        batch = {k: v.to(device) for k, v in inputs.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
-        options: dict[str, Any] = {
-            "max_new_tokens": int(max_new_tokens), "do_sample": bool(sample),
-            "repetition_penalty": self.repetition_penalty if repetition_penalty is None else repetition_penalty,
-        }
-        if sample:
-            options.update(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
-        output = self.model.generate(**batch, **options)
-        new = output[0, batch["input_ids"].shape[1]:]
+        new = self.generate_ids(inputs, max_new_tokens, sample, temperature, top_p, top_k, repetition_penalty)
         text = self.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return text, int(new.numel())
+
+
+def _static_cache_sizing() -> bool:
+    """Whether generate() sizes static caches across calls (GenerationConfig.max_cache_len)."""
+    from transformers import GenerationConfig
+
+    return hasattr(GenerationConfig(), "max_cache_len")
 
 
 def _require(folder: Path, names: tuple[str, ...], what: str) -> None:

@@ -5,9 +5,14 @@ the latent distribution, or its mean in deterministic mode) * scaling_factor, wi
 encode; v = transformer(z, t=1000, text); z0 = z - v; image = VAE.decode(z0 / scaling_factor +
 shift_factor), clamped to [-1, 1]. CFG 1 (no negative pass).
 
-Memory: the LoRA is merged into the weights at load time, each batch element is processed on
-its own, large images go through the VAE (and, beyond the transformer's positional range or on
-request, the transformer) in overlapping, smoothly blended tiles.
+Precision: by default CoZ's LoRA is merged into the weights at load time (fast); the ``reference``
+preset (``SD3Precision.adaln_lora``) keeps it apart and rounds its outputs to float16 as upstream
+does, bit for bit (coz_weights.ReferenceLoraLinear). Wan2GP's merged files replace the transformer
+and VAE they hold.
+
+Memory: each batch element is processed on its own, large images go through the VAE (and,
+beyond the transformer's positional range or on request, the transformer) in overlapping,
+smoothly blended tiles.
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ import torch.nn.functional as F
 
 from ..tiling import tiled_map
 from .base import SRRequest
-from .coz_weights import apply_vae_encoder, merge_adaln_lora
+from .coz_weights import (
+    apply_vae_encoder, attach_reference_lora, coz_file_kind, merge_adaln_lora, wan2gp_transformer_state, wan2gp_vae_state,
+)
 from .sd3_loading import FP8, TEXT_COMPONENTS, SD3Precision, load_sd3_medium, store_linears
 from .sd3_text import SD3Conditioning, SD3TextEncoder
 
@@ -58,6 +65,7 @@ class CoZSD3Backbone:
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
         self.latent_mode = latent_mode
         self.tiles = tiles or TileSettings()
+        self.compiled = False
 
     @classmethod
     def from_files(
@@ -78,21 +86,47 @@ class CoZSD3Backbone:
         latent_mode: str = "sample",
         tiles: TileSettings | None = None,
         config_dir: str | Path | None = None,
+        compile: bool = False,
     ) -> "CoZSD3Backbone":
         """Load SD3 medium (folder or single file, see ``load_sd3_medium``), merge CoZ's weights, place it.
 
         ``lora``/``vae_encoder``: CoZ's ``model_20001.pkl`` / ``vae_encoder_20001.pt`` or their
-        safetensors conversions (None leaves plain SD3, only useful for comparisons).
-        ``transformer_fp8`` stores the transformer's linear weights in float8 after the merge.
+        safetensors conversions, or Wan2GP's ``CoZ_sd3_medium_srlora_bf16`` / ``CoZ_sd3_vae_srlora_bf16``
+        (merged files that replace SD3's transformer / VAE); None leaves plain SD3 (for comparisons).
+        ``transformer_fp8`` stores the transformer's linear weights in float8 (per-row scaled) after
+        the merge. ``precision.adaln_lora == "reference"`` keeps the LoRA apart, rounded as upstream
+        rounds it. ``compile``: :meth:`enable_compile` (CUDA; policy.SD3Setup.compile).
         """
+        precision = precision or SD3Precision()
+        reference = precision.adaln_lora == "reference"
+        if precision.adaln_lora not in ("merged", "reference"):
+            raise ValueError(f"adaln_lora must be 'merged' or 'reference', got {precision.adaln_lora!r}")
+        kinds = {"lora": coz_file_kind(lora) if lora is not None else None,
+                 "vae_encoder": coz_file_kind(vae_encoder) if vae_encoder is not None else None}
+        for slot, want in (("lora", ("lora", "wan2gp_transformer")), ("vae_encoder", ("vae_encoder", "wan2gp_vae"))):
+            if kinds[slot] is not None and kinds[slot] not in want:
+                path = lora if slot == "lora" else vae_encoder
+                raise ValueError(f"{path}: this is a CoZ {kinds[slot].replace('_', ' ')} file, but it was given as "
+                                 f"the {slot.replace('_', ' ')}; expected {' or '.join(w.replace('_', ' ') for w in want)}")
+        overrides = {}
+        if kinds["lora"] == "wan2gp_transformer":
+            if reference:
+                raise ValueError(f"{lora}: Wan2GP's transformer has CoZ's LoRA merged in; the reference precision "
+                                 "needs the LoRA apart (CoZ's model_20001.pkl or its .safetensors)")
+            overrides["transformer"] = (lora, lambda cfg: wan2gp_transformer_state(lora, cfg))
+        if kinds["vae_encoder"] == "wan2gp_vae":
+            overrides["vae"] = (vae_encoder, lambda cfg: wan2gp_vae_state(vae_encoder, cfg))
+        if reference and (transformer_fp8 or precision.transformer != torch.float32):
+            raise ValueError("the reference precision runs the transformer in float32 (no fp8), as upstream does")
         models = load_sd3_medium(sd3, clip_l=clip_l, clip_g=clip_g, t5=t5, text_encoders=text_encoders,
-                                 tokenizers=tokenizers, precision=precision, config_dir=config_dir)
-        if lora is not None:
-            merge_adaln_lora(models.transformer, lora)
-        if vae_encoder is not None:
+                                 tokenizers=tokenizers, precision=precision, config_dir=config_dir,
+                                 overrides=overrides)
+        if kinds["lora"] == "lora":
+            (attach_reference_lora if reference else merge_adaln_lora)(models.transformer, lora)
+        if kinds["vae_encoder"] == "vae_encoder":
             apply_vae_encoder(models.vae, vae_encoder)
         if transformer_fp8:
-            store_linears(models.transformer, FP8)
+            store_linears(models.transformer, FP8, scaled=True)
         models.transformer.to(device)
         models.vae.to(device)
         text = None
@@ -104,7 +138,45 @@ class CoZSD3Backbone:
                                   joint_dim=models.transformer.config.joint_attention_dim)
         elif models.text_encoders:
             raise ValueError("SD3 needs both CLIP-L and CLIP-G to encode text (T5 is optional)")
-        return cls(models.transformer, models.vae, text, latent_mode=latent_mode, tiles=tiles)
+        backbone = cls(models.transformer, models.vae, text, latent_mode=latent_mode, tiles=tiles)
+        return backbone.enable_compile() if compile else backbone
+
+    # --- switches -----------------------------------------------------------------------------
+
+    def enable_compile(self, transformer: bool = True, text: bool = True, vae: bool = False,
+                       mode: str | None = None, backend: str = "inductor") -> "CoZSD3Backbone":
+        """torch.compile the step's models in place (``Module.compile``: same modules, same weights).
+
+        Regional compilation, as diffusers' ``compile_repeated_blocks``: each repeated block (the
+        transformer's ``JointTransformerBlock``; with ``text``, CLIP's and T5's layers: the classes a
+        model lists in ``_repeated_blocks`` or ``_no_split_modules``) is compiled once per block type
+        and reused by every instance, so compiling takes seconds, not minutes. ``vae``: also the VAE's
+        encoder and decoder as wholes (once per tile size). Compiling happens on the first call, once
+        per loaded model. ``mode``: torch.compile's (None: its default)."""
+        options = {"mode": mode, "backend": backend, "dynamic": False}
+        # every compiled block shares Module._call_impl's code object, whose compiled variants
+        # (one per block type) are capped by this limit; beyond it dynamo would silently run eager
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        models = [self.transformer] if transformer else []
+        if text and self.text_encoder is not None:
+            models += [m for m in self.text_encoder.models.values() if m is not None]
+        for model in models:
+            blocks = set(getattr(model, "_repeated_blocks", None) or getattr(model, "_no_split_modules", None) or ())
+            found = [m for m in model.modules() if type(m).__name__ in blocks]
+            if not found:
+                raise ValueError(f"{type(model).__name__} names no repeated blocks to compile ({sorted(blocks)})")
+            for module in found:
+                module.compile(**options)
+        if vae:
+            self.vae.encoder.compile(**options)
+            self.vae.decoder.compile(**options)
+        self.compiled = True
+        return self
+
+    def modules(self) -> list[torch.nn.Module]:
+        """Every model of the step (transformer, VAE, text encoders): what moves to offload it."""
+        text = [] if self.text_encoder is None else [m for m in self.text_encoder.models.values() if m is not None]
+        return [self.transformer, self.vae, *text]
 
     # --- pieces of the step -------------------------------------------------------------------
 

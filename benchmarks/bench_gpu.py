@@ -1,0 +1,490 @@
+"""The pack on a GPU, full-size models with random weights: one table of speed and memory.
+
+Compute and memory do not depend on weight values, so the models are built from their
+configurations directly on the device (SD3 medium from coz_core/configs/sd3_medium with CLIP-L/G
+and T5-XXL, Qwen2.5-VL-3B from benchmarks/bench_vlm.py), and the pack's own classes run them:
+- ``vlm``: one prompt step (2 images at 512, N new tokens) through plain ``generate`` and through
+  the fast path (static KV cache + compiled CUDA-graph decoding): prefill, decode tokens/s, the
+  prompt step, the one-time compilation, whether both paths give the same tokens;
+- ``sd3``: the SR step's parts (text encoding of a new prompt, VAE encode, transformer, VAE
+  decode), VAE in float32 and bfloat16 with their difference, then compiled (regional);
+- ``chain``: 4 steps at 512 with N-token prompts, per preset (default, fast, compact, lowvram):
+  time, chain overhead (everything but the models) and peak memory;
+- ``upsample``: benchmarks/upsample_gpu.py's rows; ``wholeimage``: bench_upscale_image.gpu_rows.
+Random VLM weights never emit the end token: ``min_new_tokens`` makes every prompt run to N.
+
+Each section runs under its own time limit and never stops the others; rows print as they come
+and go to ``--out`` (JSON) as they come; the table is printed again at the end.
+
+    python benchmarks/bench_gpu.py                      # CUDA: full size; CPU: --tiny (seconds)
+    python benchmarks/bench_gpu.py --sections vlm chain --out /tmp/bench_gpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import itertools
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+
+from coz_core.imageops import load_image  # noqa: E402
+from coz_core.policy import sd3_precision  # noqa: E402
+from coz_core.prompt.base import PromptRequest  # noqa: E402
+from coz_core.prompt.qwen import MULTISCALE_SYSTEM, QwenPromptSource, QwenVL  # noqa: E402
+from coz_core.prompt.vision import prepare_images  # noqa: E402
+from coz_core.residency import take_turns  # noqa: E402
+from coz_core.sr.base import SRRequest  # noqa: E402
+from coz_core.sr.coz_sd3 import CoZSD3Backbone  # noqa: E402
+from coz_core.sr.sd3_loading import FP8, store_linears, tokenizer_paths_from_folder  # noqa: E402
+from coz_core.sr.sd3_text import SD3TextEncoder  # noqa: E402
+from coz_core.zoom import ChainConfig, run_chain  # noqa: E402
+
+SECTIONS = ("vlm", "sd3", "chain", "upsample", "wholeimage")
+GIB = 1024**3
+# seconds per section (full size, H100/H200), each cut further so the whole run ends by --budget
+LIMITS = {"build": 60, "vlm": 110, "sd3": 110, "chain": 80, "wholeimage": 40, "upsample": 60}
+RESERVE = 25  # seconds kept for each section still to come
+
+
+# --- reporting ---------------------------------------------------------------------------------
+
+class Report:
+    """Rows printed as they come and written to a JSON file after each one."""
+
+    def __init__(self, path: Path | None, meta: dict) -> None:
+        self.path, self.meta, self.rows = path, meta, []
+        print(f"{'section':10} {'what':64} value", flush=True)
+
+    def row(self, section: str, what: str, value: str, **data) -> None:
+        self.rows.append({"section": section, "what": what, "value": value, **data})
+        print(f"{section:10} {what:64} {value}", flush=True)
+        self.save()
+
+    def save(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({**self.meta, "rows": self.rows}, indent=1, default=str))
+
+    def table(self) -> None:
+        print("\n" + "=" * 100 + f"\n{'section':10} {'what':64} value\n" + "-" * 100)
+        for r in self.rows:
+            print(f"{r['section']:10} {r['what']:64} {r['value']}")
+        print("=" * 100, flush=True)
+
+
+class SectionTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise SectionTimeout in this (main) thread after ``seconds``."""
+    def fire(signum, frame):
+        raise SectionTimeout(f"over its {seconds:.0f} s limit")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_section(report: Report, name: str, seconds: float, fn, *args) -> None:
+    start = time.perf_counter()
+    print(f"--- {name} (limit {seconds:.0f} s)", flush=True)
+    try:
+        with time_limit(seconds):
+            fn(*args)
+    except Exception as exc:  # one failing section never stops the others
+        report.row(name, "FAILED", f"{type(exc).__name__}: {str(exc)[:300]}")
+        traceback.print_exc()
+    print(f"--- {name} done in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+# --- measuring -----------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int = 2) -> float:
+    """Best of ``repeats`` calls (callers warm up first)."""
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def dt(module: torch.nn.Module) -> str:
+    """Short name of a module's (floating, non-float8) parameter dtype."""
+    dtype = next(p.dtype for p in module.parameters() if p.dtype.itemsize > 1)
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def reset_peak(device: torch.device) -> float:
+    """Reset the peak counter; the bytes allocated now (GiB)."""
+    if device.type != "cuda":
+        return 0.0
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device) / GIB
+
+
+def peak(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else float("nan")
+
+
+# --- models --------------------------------------------------------------------------------------
+
+@dataclass
+class Models:
+    vlm: QwenVL | None = None
+    sd3: CoZSD3Backbone | None = None
+
+
+def build_vlm(tiny: bool, device: torch.device, tokens: int) -> QwenVL:
+    from bench_vlm import make_config, vlm_from_config
+    from qwen_fixtures import build_tokenizer, tiny_config
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ids = build_tokenizer(Path(tmp))
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+    if tiny:
+        config, dtype = Qwen2_5_VLConfig(**tiny_config(ids, max(ids.values()) + 1)), torch.float32
+    else:
+        config, dtype = make_config(1.0, ids), torch.bfloat16
+    vlm = vlm_from_config(config, dtype, str(device), tokenizer, ids)
+    vlm.model.generation_config.min_new_tokens = tokens  # random weights: every prompt runs to the limit
+    if tiny:
+        vlm.compile_backend = None  # CPU smoke test: the static-cache path without code generation
+    return vlm
+
+
+def build_sd3(tiny: bool, device: torch.device, folder: Path) -> CoZSD3Backbone:
+    """The default preset (policy ``auto``): transformer bf16, VAE fp32, CLIPs fp16, T5 bf16 with
+    float8-stored linears (as sd3_medium_incl_clips_t5xxlfp8.safetensors gives); tiny: float32."""
+    from sd3_fixtures import build_models, save_clip_tokenizer, save_t5_tokenizer
+
+    save_clip_tokenizer(folder / "tokenizer", "<|endoftext|>")
+    save_clip_tokenizer(folder / "tokenizer_2", "!")
+    save_t5_tokenizer(folder / "tokenizer_3")
+    if tiny:
+        parts = {k: m.to(device) for k, m in build_models().items()}
+    else:
+        from bench_coz_sd3 import build
+
+        d = sd3_precision("auto", device)
+        parts = {"transformer": build("transformer", d.transformer, str(device)),
+                 "vae": build("vae", d.vae, str(device)),
+                 "clip_l": build("clip_l", d.text, str(device)), "clip_g": build("clip_g", d.text, str(device)),
+                 "t5": build("t5", d.t5, str(device), fp8=True)}
+    text = SD3TextEncoder(parts["clip_l"], parts["clip_g"], parts["t5"], tokenizer_paths_from_folder(folder),
+                          joint_dim=parts["transformer"].config.joint_attention_dim)
+    return CoZSD3Backbone(parts["transformer"], parts["vae"], text, latent_mode="sample")
+
+
+def uncompile(backbone: CoZSD3Backbone) -> None:
+    """Back to eager modules (Module.compile keeps the compiled call in _compiled_call_impl)."""
+    for model in backbone.modules():
+        for module in model.modules():
+            if getattr(module, "_compiled_call_impl", None) is not None:
+                module._compiled_call_impl = None
+    backbone.compiled = False
+
+
+# --- sections ------------------------------------------------------------------------------------
+
+def section_vlm(report: Report, models: Models, args, device: torch.device) -> None:
+    vlm, n, size = models.vlm, args.tokens, args.size
+    g = torch.Generator().manual_seed(0)
+    previous, zoomed = (torch.rand(1, 3, size, size, generator=g).to(device) for _ in range(2))
+    request = PromptRequest(previous, zoomed, step=1)
+    inputs = vlm.inputs(prepare_images(previous) + prepare_images(zoomed), MULTISCALE_SYSTEM)
+    length = int(inputs["input_ids"].shape[1])
+    source = QwenPromptSource(vlm, max_new_tokens=n, clean=False)
+    results = {}
+    for label, fast in (("plain generate", False), ("fast path", True)):
+        vlm.fast_decode = fast
+        try:
+            results[label] = _vlm_rows(report, vlm, label, inputs, source, request, args, device, length)
+        except SectionTimeout:
+            raise
+        except Exception as exc:
+            if not fast:
+                raise
+            vlm.fast_decode = False  # the later sections run with plain generate
+            report.row("vlm", "fast path FAILED (later sections use plain generate)", f"{type(exc).__name__}: {str(exc)[:300]}")
+            traceback.print_exc()
+            return
+    same = torch.equal(results["plain generate"], results["fast path"])
+    report.row("vlm", f"fast path tokens == plain generate tokens ({n} greedy)", "yes" if same else "NO", identical=same)
+    vlm.fast_decode = None  # policy default from here on: on for CUDA
+
+
+def _vlm_rows(report, vlm, label, inputs, source, request, args, device, length) -> torch.Tensor:
+    n, fast = args.tokens, bool(vlm.fast_decode)
+    start = time.perf_counter()
+    ids = vlm.generate_ids(inputs, n, min_new_tokens=n)  # warm-up; the fast path compiles here
+    sync(device)
+    first = time.perf_counter() - start
+    step_n = timed(lambda: vlm.generate_ids(inputs, n, min_new_tokens=n), device, args.repeats)
+    prefill = timed(lambda: vlm.generate_ids(inputs, 1, min_new_tokens=1), device, args.repeats)
+    step = timed(lambda: source(request), device, args.repeats)
+    rate = (n - 1) / (step_n - prefill) if step_n > prefill else float("nan")  # nan: too short to time
+    report.row("vlm", f"{label}: prefill + 1st token ({length} prompt tokens)", ms(prefill), seconds=prefill)
+    report.row("vlm", f"{label}: decode", f"{rate:.0f} tokens/s", tokens_per_s=rate)
+    report.row("vlm", f"{label}: prompt step, 2 images {args.size}, {n} new tokens", ms(step), seconds=step)
+    if fast:
+        report.row("vlm", "fast path: one-time compile/capture (first call - steady)",
+                   f"{first - step_n:.1f} s", seconds=first - step_n)
+    return ids
+
+
+_PROMPTS = itertools.count()  # every "new prompt" is new to the text encoder's cache
+
+
+def _sd3_parts(report: Report, b: CoZSD3Backbone, label: str, x: torch.Tensor, device, repeats: int) -> None:
+    counter = _PROMPTS
+    b.latent_mode = "sample"
+    cond = b.text_encoder(["a photo"])
+    z = b.encode(x * 2 - 1)
+    v = b.velocity(z, cond)
+    b.decode(z - v)
+    prompt_s = timed(lambda: b.text_encoder([f"new prompt {next(counter)}"]), device, repeats)
+    enc = timed(lambda: b.encode(x * 2 - 1), device, repeats)
+    vel = timed(lambda: b.velocity(z, cond), device, repeats)
+    dec = timed(lambda: b.decode(z - v), device, repeats)
+    req = SRRequest(x, x, ["a photo"])
+    step = timed(lambda: b(req), device, repeats)
+    step_new = timed(lambda: b(SRRequest(x, x, [f"new prompt {next(counter)}"])), device, repeats)
+    for what, s in (("text encoding of a new prompt (CLIP-L/G, T5)", prompt_s), ("VAE encode", enc),
+                    ("transformer", vel), ("VAE decode", dec), ("whole step, prompt cached", step),
+                    ("whole step, new prompt", step_new)):
+        report.row("sd3", f"{label}: {what}", ms(s), seconds=s)
+
+
+def section_sd3(report: Report, models: Models, args, device: torch.device) -> None:
+    b, size = models.sd3, args.size
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    _sd3_parts(report, b, f"{dt(b.transformer)} transformer, {dt(b.vae)} VAE", x, device, args.repeats)
+    # bf16 VAE: the same weights, cast; the difference of the whole step, deterministic latents
+    vae32 = b.vae
+    half = next(b.transformer.parameters()).dtype if device.type == "cuda" else torch.bfloat16
+    vae16 = copy.deepcopy(vae32).to(half)
+    b.latent_mode = "mean"
+    req = SRRequest(x, x, ["a photo"])
+    ref = b(req)
+    b.vae = vae16
+    out = b(req)
+    diff = (out - ref).abs()
+    psnr = float(-10 * torch.log10(((out - ref) ** 2).mean().clamp_min(1e-20)))
+    report.row("sd3", f"VAE {dt(vae16)} vs {dt(vae32)}, whole step output (0..1)",
+               f"max {diff.max():.4f}, mean {diff.mean():.5f}, PSNR {psnr:.1f} dB",
+               max=float(diff.max()), mean=float(diff.mean()), psnr=psnr)
+    _sd3_parts(report, b, f"{dt(b.transformer)} transformer, {dt(vae16)} VAE", x, device, args.repeats)
+    del vae32
+    if device.type != "cuda" and not args.compile_on_cpu:
+        report.row("sd3", "compiled", "skipped on CPU")
+        return
+    # in two stages, so that the transformer's rows are in even if the text encoders run out of time
+    b.latent_mode = "sample"
+    for label, options in (("transformer", {"text": False, "vae": args.compile_vae}),
+                           ("transformer + CLIP/T5 layers", {"transformer": False, "text": True, "vae": False})):
+        b.enable_compile(**options, backend=args.compile_backend)
+        start = time.perf_counter()
+        b(SRRequest(x, x, [f"compile warm-up {label}"]))
+        sync(device)
+        what = label + (" + VAE" if args.compile_vae else "")
+        report.row("sd3", f"compile (regional) of the {what}: first step", f"{time.perf_counter() - start:.1f} s")
+        _sd3_parts(report, b, f"compiled {what}, {dt(b.vae)} VAE", x, device, args.repeats)
+
+
+def _chain_rows(report: Report, label: str, models: Models, args, device, backbone=None, source=None) -> None:
+    image = load_image(ROOT / "coz_core" / "data" / "sample.png").to(device)
+    config = ChainConfig(steps=args.steps, size=(args.size, args.size))
+    backbone = backbone or models.sd3
+    source = source or QwenPromptSource(models.vlm, max_new_tokens=args.tokens)
+    run_chain(image, backbone, ChainConfig(steps=1, size=config.size), source)  # warm-up (compiles)
+    resident = reset_peak(device)
+    sync(device)
+    start = time.perf_counter()
+    result = run_chain(image, backbone, config, source)
+    sync(device)
+    wall = time.perf_counter() - start
+    steps = result.steps[1:]
+    prompt = sum(s.seconds["prompt"] for s in steps) / len(steps)
+    model = sum(s.seconds["model"] for s in steps) / len(steps)
+    total = sum(s.seconds["total"] for s in steps) / len(steps)
+    overhead = total - prompt - model
+    report.row("chain", f"{label}: {args.steps} steps at {args.size}, {args.tokens}-token prompts", f"{wall:.2f} s",
+               seconds=wall)
+    report.row("chain", f"{label}: per step prompt / SR model / chain overhead",
+               f"{ms(prompt)} / {ms(model)} / {ms(overhead)} ({100 * overhead / total:.1f}% of {ms(total)})",
+               prompt=prompt, model=model, overhead=overhead, total=total)
+    if device.type == "cuda":
+        report.row("chain", f"{label}: GPU memory resident before / peak", f"{resident:.2f} / {peak(device):.2f} GiB",
+                   resident_gib=resident, peak_gib=peak(device))
+
+
+def section_chain(report: Report, models: Models, args, device: torch.device) -> None:
+    b = models.sd3
+    b.latent_mode = "sample"
+    cuda = device.type == "cuda"
+    # fast: bf16 VAE, compiled (as the sd3 section left it, or compiled here)
+    if cuda:
+        b.vae = b.vae.to(torch.bfloat16)
+    if not b.compiled and (cuda or args.compile_on_cpu):
+        b.enable_compile(vae=args.compile_vae, backend=args.compile_backend)
+    _chain_rows(report, "fast", models, args, device)
+    # default preset: fp32 VAE, not compiled (the VLM's fast path is on by default on CUDA)
+    uncompile(b)
+    b.vae = b.vae.float()
+    _chain_rows(report, "default (auto)", models, args, device)
+    # compact: bf16 VAE, transformer linears in scaled float8 (eager here: the swap would recompile)
+    if cuda:
+        b.vae = b.vae.to(torch.bfloat16)
+    store_linears(b.transformer, FP8, scaled=True)
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    _chain_rows(report, "compact (fp8 transformer, not compiled)", models, args, device)
+    # lowvram: compact, and the VLM and SD3 take turns on the GPU
+    turned, source = take_turns(b, QwenPromptSource(models.vlm, max_new_tokens=args.tokens), device)
+    fast = models.vlm.fast_decode
+    models.vlm.fast_decode = False  # moved weights would re-record the CUDA graphs every step
+    try:
+        _chain_rows(report, "lowvram (compact + VLM/SD3 take turns)", models, args, device, turned, source)
+    finally:
+        turned.turns.activate("sr")
+        for m in turned.turns.groups["prompt"]:
+            m.to(device)
+        models.vlm.fast_decode = fast
+
+
+def section_upsample(report: Report, models: Models, args, device: torch.device) -> None:
+    try:
+        import upsample_gpu
+    except ImportError:
+        report.row("upsample", "benchmarks/upsample_gpu.py", "absent")
+        return
+    for what, value in upsample_gpu.measure(device, args.tiny):
+        report.row("upsample", what, value)
+
+
+def section_wholeimage(report: Report, models: Models, args, device: torch.device) -> None:
+    try:
+        import bench_upscale_image
+    except ImportError:
+        report.row("wholeimage", "benchmarks/bench_upscale_image.py", "absent")
+        return
+    if not hasattr(bench_upscale_image, "gpu_rows"):
+        report.row("wholeimage", "bench_upscale_image.gpu_rows", "absent")
+        return
+    for what, value in bench_upscale_image.gpu_rows(models.sd3, device):
+        report.row("wholeimage", what, value)
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", default=None, help="tiny models (default on CPU)")
+    parser.add_argument("--size", type=int, default=None, help="process size (512; tiny: 32)")
+    parser.add_argument("--tokens", type=int, default=None, help="new tokens per prompt (32; tiny: 4)")
+    parser.add_argument("--steps", type=int, default=None, help="chain steps (4; tiny: 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="best of (3; tiny: 1)")
+    parser.add_argument("--compile-vae", action="store_true", help="also compile the VAE (slower to compile)")
+    parser.add_argument("--compile-on-cpu", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # "eager": CPU checks
+    parser.add_argument("--time-scale", type=float, default=1.0, help="multiply every section's time limit")
+    parser.add_argument("--budget", type=float, default=330.0, help="seconds for the whole run (full size)")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_gpu.json")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.tiny is None:
+        args.tiny = device.type != "cuda"
+    args.size = args.size or (32 if args.tiny else 512)
+    args.tokens = args.tokens or (4 if args.tiny else 32)
+    args.steps = args.steps or (2 if args.tiny else 4)
+    args.repeats = args.repeats or (1 if args.tiny else 3)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    import transformers
+
+    meta = {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
+            "tiny": args.tiny, "size": args.size, "tokens": args.tokens, "steps": args.steps}
+    print(f"bench_gpu: {name}; torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"{'tiny models' if args.tiny else 'full-size models, random weights'}", flush=True)
+    report = Report(args.out, meta)
+    deadline = time.perf_counter() + args.budget * args.time_scale
+    order = [k for k in LIMITS if k == "build" or k in args.sections]
+
+    def limit(key: str) -> float:
+        later = len(order) - order.index(key) - 1
+        return max(5.0, min(LIMITS[key] * args.time_scale, deadline - time.perf_counter() - RESERVE * later))
+    torch.manual_seed(0)
+
+    models = Models()
+    need_vlm = {"vlm", "chain"} & set(args.sections)
+    need_sd3 = {"sd3", "chain", "wholeimage"} & set(args.sections)
+    with tempfile.TemporaryDirectory() as tmp:
+        def build() -> None:
+            if need_vlm:
+                models.vlm = build_vlm(args.tiny, device, args.tokens)
+                report.row("build", "Qwen2.5-VL" + (" (tiny)" if args.tiny else "-3B bf16"),
+                           f"{sum(p.numel() for p in models.vlm.model.parameters()) / 1e9:.3f} B parameters")
+            if need_sd3:
+                models.sd3 = build_sd3(args.tiny, device, Path(tmp))
+                params = sum(p.numel() for m in models.sd3.modules() for p in m.parameters())
+                params += sum(b.numel() for m in models.sd3.modules() for b in m.buffers())
+                report.row("build", "SD3 medium + CLIP-L/G + T5-XXL" + (" (tiny)" if args.tiny else ""),
+                           f"{params / 1e9:.3f} B parameters")
+            if device.type == "cuda":
+                report.row("build", "GPU memory allocated after building", f"{torch.cuda.memory_allocated(device) / GIB:.2f} GiB")
+
+        if need_vlm or need_sd3:
+            run_section(report, "build", limit("build"), build)
+        for name_ in ("vlm", "sd3", "chain", "wholeimage"):
+            if name_ in args.sections:
+                if (name_ in need_vlm and models.vlm is None) or (name_ in need_sd3 and models.sd3 is None):
+                    report.row(name_, "skipped", "its models were not built")
+                    continue
+                run_section(report, name_, limit(name_), globals()[f"section_{name_}"], report, models, args, device)
+        models.vlm = models.sd3 = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if "upsample" in args.sections:
+            run_section(report, "upsample", limit("upsample"), section_upsample, report, models, args, device)
+    report.table()
+
+
+if __name__ == "__main__":
+    main()

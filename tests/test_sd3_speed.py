@@ -1,0 +1,147 @@
+"""SD3 speed and memory switches: per-row scaled fp8 storage, the bf16 VAE, compilation, presets.
+
+References: float32 ``F.linear`` for the fp8 storage, the float32 backbone for the bf16 VAE and
+the uncompiled backbone for compilation (torch.compile's "eager" backend on CPU: the same graph
+capture of diffusers' and transformers' modules, without inductor's compile time).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from coz_core.policy import SD3_SPEED_PRESETS, sd3_setup
+from coz_core.sr.base import SRRequest
+from coz_core.sr.coz_sd3 import CoZSD3Backbone
+from coz_core.sr.sd3_loading import FP8, SD3Precision, UpcastLinear, store_linears
+from tests.sd3_fixtures import TinySD3, shared_tiny_sd3
+
+FP32 = SD3Precision(transformer=torch.float32, vae=torch.float32, text=torch.float32, t5=torch.float32)
+PROMPT = ["a cat"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> TinySD3:
+    return shared_tiny_sd3(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny) -> CoZSD3Backbone:
+    return CoZSD3Backbone.from_files(tiny.folder, tiny.lora_pkl, tiny.vae_pt, precision=FP32, latent_mode="mean")
+
+
+def _image(size: int = 32) -> torch.Tensor:
+    base = torch.rand(1, 3, size // 4, size // 4, generator=torch.Generator().manual_seed(0))
+    return torch.nn.functional.interpolate(base, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def test_scaled_fp8_rows_keep_small_weights():
+    torch.manual_seed(0)
+    # rows of very different magnitude, as in SD3's adaLN and attention projections
+    linear = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        linear.weight.mul_(torch.logspace(-3, 0, 32)[:, None])
+    x = torch.randn(8, 64)
+    exact = torch.nn.functional.linear(x, linear.weight, linear.bias)
+    plain, scaled = (store_linears(torch.nn.Sequential(_copy(linear)), FP8, scaled=s) for s in (False, True))
+    assert type(scaled[0]).__name__ == "ScaledUpcastLinear" and isinstance(scaled[0], UpcastLinear)
+    assert scaled[0].weight is None and scaled[0].stored_weight.dtype == FP8
+    rel = lambda y: ((y - exact).norm(dim=0) / exact.norm(dim=0))  # noqa: E731  per output channel
+    with torch.no_grad():
+        e_plain, e_scaled = rel(plain(x)), rel(scaled(x))
+    assert e_scaled.max() < 0.08  # e4m3's 3 mantissa bits, on every row
+    assert e_plain[:8].mean() > 5 * e_scaled[:8].mean()  # unscaled flushes the small rows
+
+
+def _copy(linear: torch.nn.Linear) -> torch.nn.Linear:
+    out = torch.nn.Linear(linear.in_features, linear.out_features)
+    out.load_state_dict(linear.state_dict())
+    return out
+
+
+def test_bf16_vae_difference_is_small(tiny, backbone):
+    """The ``fast`` preset's bf16 VAE against float32 (everything else float32): measured here on the
+    tiny model, at full size in benchmarks/bench_gpu.py."""
+    bf16_vae = CoZSD3Backbone.from_files(tiny.folder, tiny.lora_pkl, tiny.vae_pt, latent_mode="mean",
+                                         precision=SD3Precision(torch.float32, torch.bfloat16, torch.float32, torch.float32))
+    x = _image()
+    ref = backbone(SRRequest(x, x, PROMPT))
+    out = bf16_vae(SRRequest(x, x, PROMPT))
+    diff = (out - ref).abs()
+    assert out.dtype == torch.float32 and 0 < diff.max() < 0.05 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
+def test_compiled_backbone_gives_the_same_step(tiny, backbone):
+    compiled = CoZSD3Backbone.from_files(tiny.folder, tiny.lora_pkl, tiny.vae_pt, precision=FP32, latent_mode="mean")
+    compiled.enable_compile(backend="eager")
+    assert compiled.compiled and not backbone.compiled
+    x = _image()
+    torch.testing.assert_close(compiled(SRRequest(x, x, PROMPT)), backbone(SRRequest(x, x, PROMPT)),
+                               rtol=1e-5, atol=1e-5)
+    # same modules and weights: what offloading moves and what loaders fill
+    assert compiled.modules()[0] is compiled.transformer and len(compiled.modules()) == 5
+
+
+def test_transformer_fp8_is_scaled_and_runs_close(tiny, backbone):
+    fp8 = CoZSD3Backbone.from_files(tiny.folder, tiny.lora_pkl, tiny.vae_pt, latent_mode="mean", transformer_fp8=True,
+                                    precision=FP32)
+    assert type(fp8.transformer.transformer_blocks[0].attn.to_q).__name__ == "ScaledUpcastLinear"
+    x = _image()
+    diff = (fp8(SRRequest(x, x, PROMPT)) - backbone(SRRequest(x, x, PROMPT))).abs().mean()
+    assert diff < 0.02, diff
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_speed_presets(device, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # no GPU here
+    dev = torch.device(device)
+    auto = sd3_setup("auto", dev)
+    assert not auto.compile and not auto.transformer_fp8 and auto.precision.vae == torch.float32
+    for preset in SD3_SPEED_PRESETS:
+        setup = sd3_setup(preset, dev)
+        assert setup.precision.transformer == auto.precision.transformer
+        assert setup.compile == (device == "cuda" and preset != "lowvram")
+        assert setup.transformer_fp8 == (preset != "fast") and setup.take_turns == (preset == "lowvram")
+    if device == "cuda":
+        assert sd3_setup("fast", dev).precision.vae == torch.bfloat16
+
+
+class _Spy(torch.nn.Linear):
+    """A module that records where it was sent (the machine has no accelerator to send it to)."""
+
+    def __init__(self, log: list, name: str) -> None:
+        super().__init__(2, 2)
+        self.log, self.tag = log, name
+
+    def to(self, *args, **kwargs):
+        self.log.append((self.tag, str(args[0])))
+        return super().to(*args, **kwargs)
+
+
+def test_take_turns_moves_one_group_at_a_time(backbone):
+    from coz_core.prompt.base import FixedPrompts
+    from coz_core.residency import Turns, take_turns
+    from coz_core.zoom import ChainConfig, run_chain
+
+    log: list = []
+    turns = Turns("cpu", {"sr": [_Spy(log, "sr")], "prompt": [_Spy(log, "vlm")]})
+    turns.activate("prompt")
+    turns.activate("prompt")  # already there: nothing moves
+    turns.activate("sr")
+    assert log == [("sr", "cpu"), ("vlm", "cpu"), ("vlm", "cpu"), ("sr", "cpu")]
+
+    source = FixedPrompts("a cat")
+    source.vlm = type("VLM", (), {"model": torch.nn.Linear(2, 2)})()  # what take_turns moves by default
+    turned, wrapped = take_turns(backbone, source, "cpu")
+    assert turned.device == torch.device("cpu") and turned.uses_prompt and turned.size_multiple == 16
+    assert turned.turns.groups["sr"] == backbone.modules() and turned.turns.groups["prompt"] == [source.vlm.model]
+    x = _image(64)
+    config = ChainConfig(steps=2, size=(32, 32), color="none")
+    ours = run_chain(x, turned, config, wrapped)
+    torch.testing.assert_close(ours.final, run_chain(x, backbone, config, FixedPrompts("a cat")).final)
+    assert turned.turns.active == "sr"
+    with pytest.raises(TypeError, match="source_modules"):
+        take_turns(backbone, FixedPrompts(""), "cpu")
