@@ -96,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "its first release used 128)")
     vlm.add_argument("--step-prompts", default=None,
                      help="without --vlm: prompts per step separated by '|' (the last repeats)")
+
+    video = p.add_argument_group("zoom video (encoded with PyAV, no ffmpeg program needed)")
+    video.add_argument("--video", type=Path, default=None,
+                       help="also write a continuous zoom video from the scales: a file name (.mp4, .mov, "
+                       ".mkv, .webm), written into each input's output folder")
+    video.add_argument("--fps", type=float, default=30.0, help="video frame rate (default 30)")
+    video.add_argument("--seconds", type=float, default=8.0, help="video length in seconds (default 8)")
+    video.add_argument("--video-direction", choices=["in", "out", "pingpong"], default="in",
+                       help="zoom in, out, or in and back out (loops seamlessly); default in")
     return p
 
 
@@ -187,6 +196,20 @@ def write_outputs(result: ChainResult, folder: Path, source: Path, backbone_name
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
 
+def write_video_of(result: ChainResult, path: Path, args: argparse.Namespace) -> None:
+    """The zoom video of ``result`` (coz_core.video), with a progress bar per frame."""
+    from tqdm import tqdm
+
+    from .video import save_zoom_video
+
+    with tqdm(desc=path.name, unit="frame", disable=args.quiet) as bar:
+        def on_frame(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        save_zoom_video(result, path, args.fps, args.seconds, args.video_direction, on_frame)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     center = args.center or (SAMPLE_CENTER if not args.inputs else (0.5, 0.5))
@@ -194,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                          center=center, color=args.color, user_prompt=args.prompt, seed=args.seed)
     try:
         inputs = collect_inputs(args.inputs)
+        if args.video is not None:
+            from .video import check_output
+
+            check_output(args.video, args.fps, args.seconds)
         device = policy.parse_device(args.device)
         backbone = None
         if config.mode in ("recursive_multiscale", "recursive", "onestep"):
@@ -230,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         out = args.output / path.stem
         if result.steps:
             write_outputs(result, out, path, name, {"seconds_total": time.perf_counter() - t0})
+        if args.video is not None and len(result.steps) > 1 and not result.cancelled:
+            write_video_of(result, out / args.video, args)
         if result.cancelled:
             print(f"coz-zoom: interrupted; {len(result.steps)} scales of {path.name} kept in {out}", file=sys.stderr)
             return 130

@@ -107,6 +107,14 @@ def _placed_weights(in_size: int, out_size: int, filter: str, in0: float, in1: f
     return _weights(in_size, out_size, filter, in0, in1).to(device, dtype)
 
 
+def resample_weights(in_size: int, out_size: int, filter: str, start: float, stop: float) -> torch.Tensor:
+    """Pillow's [out_size, in_size] resampling matrix (float64) for the source span start..stop,
+    computed afresh: for one-off spans (video frames) that would only crowd resize's cache."""
+    if filter not in FILTERS:
+        raise ValueError(f"unknown filter {filter!r}; choose one of {FILTERS}")
+    return _weights.__wrapped__(int(in_size), int(out_size), filter, float(start), float(stop))
+
+
 def resize(
     image: torch.Tensor,
     size: tuple[int, int],

@@ -12,6 +12,7 @@ SR_MODEL = "COZ_SR_MODEL"  # an SR backbone (coz_core.sr.base.SRBackbone)
 VLM = "COZ_VLM"  # a prompt source (coz_core.prompt.base.PromptSource)
 ZOOM_LOOP = "COZ_ZOOM_LOOP"  # the state a Zoom Loop Start hands to its Zoom Loop End
 CROP_BOX = "COZ_CROP_BOX"  # (left, top, right, bottom) pixels of a zoom crop
+ZOOM_BOXES = "COZ_ZOOM_BOXES"  # tuple of coz_core.zoom.Box: the region of the input each scale shows
 
 
 def zoom_inputs(steps: bool = True) -> dict:

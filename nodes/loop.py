@@ -15,7 +15,7 @@ import torch
 from ..coz_core.imageops import resize
 from ..coz_core.zoom import center_in_crop, crop, initial_plan, prepare_input, scale_zero, zoom_box, zoom_in
 from . import host
-from .common import CATEGORY, ZOOM_LOOP, image_in, image_out, match_size, zoom_inputs
+from .common import CATEGORY, ZOOM_BOXES, ZOOM_LOOP, image_in, image_out, match_size, zoom_inputs
 
 
 class ZoomLoopState:
@@ -23,7 +23,7 @@ class ZoomLoopState:
 
     def __init__(self, start_id: str, steps: int, size: tuple[int, int], step: int,
                  target: tuple[float, float], scales: tuple[torch.Tensor, ...], prompts: tuple[str, ...],
-                 masks: tuple[torch.Tensor, ...] | None = None):
+                 masks: tuple[torch.Tensor, ...] | None = None, boxes: tuple = ()):
         self.start_id = start_id  # the Start node of the running iteration
         self.steps = steps
         self.size = size  # (width, height)
@@ -32,6 +32,7 @@ class ZoomLoopState:
         self.scales = scales  # IMAGE [B, H, W, C] of scales 0..k-1
         self.prompts = prompts  # prompt STRING of steps 1..k-1
         self.masks = masks  # MASK [B, H, W] of scales 0..k-1 when a mask rides along, else None
+        self.boxes = boxes  # coz_core.zoom.Box: the region of the input each scale shows (up to k once handed)
 
     def __repr__(self) -> str:
         return f"ZoomLoopState(step {self.step}/{self.steps}, {len(self.scales)} scales)"
@@ -77,9 +78,9 @@ class ZoomLoopStart:
         size = (int(width), int(height))
         if state is None:  # the first iteration: scale 0
             picture = prepare_input(image_in(image))
-            first, _, target = scale_zero(picture, size, (center_x, center_y))
+            first, shown, target = scale_zero(picture, size, (center_x, center_y))
             masks = None if mask is None else (mask_zero(mask, picture, size, (center_x, center_y)),)
-            state = ZoomLoopState(unique_id, int(steps), size, 1, target, (image_out(first),), (), masks)
+            state = ZoomLoopState(unique_id, int(steps), size, 1, target, (image_out(first),), (), masks, (shown,))
         previous = state.scales[-1]
         box = zoom_box(size, zoom, state.target)
         _, zoomed = zoom_in(image_in(previous), box)
@@ -88,8 +89,9 @@ class ZoomLoopStart:
             mask_region = torch.zeros(1, 1, 1).expand(1, box[3] - box[1], box[2] - box[0])  # no memory
         else:
             mask_region = crop(state.masks[-1], box).clone()
+        boxes = state.boxes + (state.boxes[-1].sub(box, size),)  # the region of the input step k shows
         handed = ZoomLoopState(unique_id, state.steps, size, state.step, center_in_crop(state.target, box, size),
-                               state.scales, state.prompts, state.masks)
+                               state.scales, state.prompts, state.masks, boxes)
         return handed, previous, image_out(zoomed), region, state.step, mask_region
 
 
@@ -99,13 +101,14 @@ class ZoomLoopEnd:
                    "one batch (scale 0 first) and the prompts of the steps.")
     CATEGORY = CATEGORY
     FUNCTION = "end"
-    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING", "MASK")
-    RETURN_NAMES = ("image", "scales", "prompts", "masks")
+    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING", "MASK", ZOOM_BOXES)
+    RETURN_NAMES = ("image", "scales", "prompts", "masks", "boxes")
     OUTPUT_TOOLTIPS = (
         "The last scale: the most magnified image.",
         "Every scale, scale 0 first (steps + 1 images per input image).",
         "The prompt of every step, one line each.",
         "The carried mask at every scale, like 'scales' (zeros when Zoom Loop Start got no mask).",
+        "The region of the input image each scale shows (for CoZ Zoom Video).",
     )
 
     @classmethod
@@ -143,9 +146,9 @@ class ZoomLoopEnd:
         if loop.step >= loop.steps:
             all_masks = (torch.cat(masks) if masks is not None
                          else torch.zeros(1, 1, 1).expand(len(scales) * batch, height, width))
-            return image, torch.cat(scales), "\n".join(prompts), all_masks
+            return image, torch.cat(scales), "\n".join(prompts), all_masks, loop.boxes
         state = ZoomLoopState(loop.start_id, loop.steps, loop.size, loop.step + 1, loop.target, scales, prompts,
-                              masks)
+                              masks, loop.boxes)
         graph, outputs = self._body(dynprompt, unique_id, state)
         return {"result": outputs, "expand": graph}
 

@@ -251,6 +251,7 @@ RUN_SETTINGS = {
     "02_coz_loop": {"2": TINY_SD3, "3": TINY_VLM, "4": {"width": 64, "height": 64, "steps": 2}},
     "03_coz_all_in_one": {"2": TINY_SD3, "3": TINY_VLM, "4": {"width": 64, "height": 64, "steps": 2}},
     "04_bilateral_mask_zoom": {"4": {"width": 64, "height": 64, "steps": 2}, "7": {"fit_steps": 5}},
+    "06_zoom_video": {"3": {"width": 64, "height": 64, "steps": 2}, "4": {"frames_per_step": 4}},
 }
 
 
@@ -273,13 +274,22 @@ def test_shipped_workflow_runs(server, base, tiny_sd3, tiny_vlm, name):
     entry = server.run(prompt, timeout=600)
     steps = next(n["inputs"]["steps"] for n in prompt.values() if "steps" in n["inputs"])
     saved = [n for n, v in prompt.items() if v["class_type"] == "SaveImage"]
-    assert saved
+    videos = [n for n, v in prompt.items() if v["class_type"] == "SaveVideo"]
+    assert saved or videos
     for node in saved:
         files = entry["outputs"][node]["images"]
         assert len(files) == steps + 1  # every scale
         for f in files:
             with Image.open(base / "output" / f["subfolder"] / f["filename"]) as im:
                 assert im.size == (64, 64)
+    for node in videos:  # ComfyUI's Save Video of CoZ Zoom Video's frames: steps x frames_per_step + 1
+        import av
+
+        (f,) = entry["outputs"][node]["images"]
+        with av.open(str(base / "output" / f["subfolder"] / f["filename"])) as container:
+            frames = list(container.decode(video=0))
+        per_step = next(v["inputs"]["frames_per_step"] for v in prompt.values() if v["class_type"] == "CoZZoomVideo")
+        assert len(frames) == steps * per_step + 1 and (frames[0].width, frames[0].height) == (64, 64)
     for node in (n for n, v in prompt.items() if v["class_type"] == "PreviewAny"):  # the prompts
         assert len(entry["outputs"][node]["text"][0].split("\n")) == steps
 

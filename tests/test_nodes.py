@@ -142,7 +142,7 @@ def chain_inputs(**over):
 def test_zoom_chain_equals_run_chain_for_every_batch_element():
     image = photo(batch=2, h=40, w=50)
     args = chain_inputs()
-    final, scales, prompts = NODES["CoZZoomChain"]().zoom(bhwc(image), **args, sr_model=LanczosSR(),
+    final, scales, prompts, _ = NODES["CoZZoomChain"]().zoom(bhwc(image), **args, sr_model=LanczosSR(),
                                                           vlm=FixedPrompts(["one", "two"]))
     config = ChainConfig(mode="recursive_multiscale", steps=3, zoom=2.0, size=(32, 24), center=(0.3, 0.6),
                          color="wavelet", user_prompt="detailed", seed=5)
@@ -163,7 +163,7 @@ def test_zoom_chain_without_model_and_its_progress():
 
     host.Progress.update = spy
     try:
-        final, scales, prompts = NODES["CoZZoomChain"]().zoom(bhwc(photo()), **chain_inputs(mode="bicubic"))
+        final, scales, prompts, _ = NODES["CoZZoomChain"]().zoom(bhwc(photo()), **chain_inputs(mode="bicubic"))
     finally:
         host.Progress.update = original
     assert updates == [(k, 3, (1, 24, 32, 3)) for k in (1, 2, 3)]
