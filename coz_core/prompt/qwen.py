@@ -288,6 +288,14 @@ class QwenPromptSource:
     count_tokens: Callable[[str], int] | None = None
     records: list[PromptRecord] = field(default_factory=list)
 
+    @property
+    def info(self) -> dict:
+        """Which prompts run: ``vlm`` (with an adapter merged in) or ``vlm_base``, the model
+        folder, what the adapter merge changed, and the token limit."""
+        merge = self.vlm.adapter_merge
+        return {"type": "vlm" if self.vlm.adapter is not None else "vlm_base", "model": str(self.vlm.folder),
+                "adapter": merge.record() if merge is not None else None, "max_new_tokens": self.max_new_tokens}
+
     def __call__(self, request: PromptRequest) -> list[str]:
         if request.previous.shape[0] != request.zoomed.shape[0]:
             raise ValueError(
