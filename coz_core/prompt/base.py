@@ -55,7 +55,7 @@ def describe_prompts(info: dict | None) -> str:
     ``vlm`` = Qwen2.5-VL + the GRPO adapter, ``vlm_base``, ``fixed``, ``none``), model, adapter
     and token limit."""
     if not info:
-        return "prompts: none (no prompt step ran)"
+        return "prompts: from a source that does not say what it is"
     kind = info.get("type")
     if kind in ("vlm", "vlm_base"):
         text = f"prompts: {kind} ({Path(str(info.get('model'))).name}"

@@ -196,7 +196,8 @@ def load_qwen_vl(
     """Load a Qwen2.5-VL model folder (e.g. ``models/LLM/Qwen2.5-VL-3B-Instruct``) offline.
 
     ``adapter``: a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors), merged
-    into the weights completely or refused (see :mod:`.adapter`), in either transformers layout. ``dtype``: torch dtype or "bf16"/"fp16"/"fp32"/"auto" (None: the folder's).
+    into the weights completely or refused (see :mod:`.adapter`), in either transformers layout.
+    ``dtype``: torch dtype or "bf16"/"fp16"/"fp32"/"auto" (None: the folder's).
     ``attn_implementation``: "sdpa", "eager", "flash_attention_2" (None: transformers' choice).
     ``device``: where the model goes (None: stays on the CPU).
     """
