@@ -20,6 +20,7 @@ from . import __version__
 from .color import COLOR_METHODS
 from . import factory, policy
 from .imageops import IMAGE_SUFFIXES, load_image, resize, save_image
+from .prompt.base import prompt_info
 from .zoom import MODES, ChainConfig, ChainResult, ZoomStep, run_chain
 
 
@@ -90,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     vlm = p.add_argument_group("VLM prompts (Qwen2.5-VL)")
     vlm.add_argument("--vlm", type=Path, help="a Qwen2.5-VL-Instruct folder: writes each step's prompt")
-    vlm.add_argument("--vlm-adapter", type=Path, help="a PEFT LoRA folder for the VLM (optional)")
+    vlm.add_argument("--vlm-adapter", type=Path,
+                     help="CoZ's GRPO prompt adapter folder (ckpt/VLM_LoRA/checkpoint-10000) or another PEFT LoRA "
+                     "folder, merged into the VLM")
+    vlm.add_argument("--prompt-type", choices=factory.PROMPT_TYPES, default=None,
+                     help="vlm: --vlm with the GRPO --vlm-adapter (CoZ's paper); vlm_base: plain --vlm; fixed: "
+                     "--step-prompts; none: --prompt alone. Default: what the options given make")
     vlm.add_argument("--vlm-tokens", type=int, default=policy.VLM_TOKENS,
                      help=f"max new tokens per prompt (default {policy.VLM_TOKENS}, as CoZ's current code; "
                      "its first release used 128)")
@@ -108,13 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def step_texts(args: argparse.Namespace) -> list[str]:
+    return args.step_prompts.split("|") if args.step_prompts else []
+
+
 def build_prompt_source(args: argparse.Namespace, device: torch.device):
-    """Qwen2.5-VL with --vlm, else fixed per-step texts (possibly none)."""
-    if args.vlm is None:
-        return factory.fixed_prompt_source(args.step_prompts.split("|") if args.step_prompts else "")
-    precision = args.precision if args.precision in policy.PRECISIONS else "auto"  # an SD3-only preset
-    return factory.vlm_prompt_source(args.vlm, device, precision, adapter=args.vlm_adapter,
-                                     max_new_tokens=args.vlm_tokens)
+    """The prompt source of --prompt-type: Qwen2.5-VL (vlm, vlm_base), per-step texts or none."""
+    return factory.prompt_source(args.prompt_type, device, args.precision, vlm=args.vlm, adapter=args.vlm_adapter,
+                                 texts=step_texts(args), max_new_tokens=args.vlm_tokens)
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
@@ -222,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
             check_output(args.video, args.fps, args.seconds)
         device = policy.parse_device(args.device)
+        factory.prompt_type(args.prompt_type, args.vlm, args.vlm_adapter, step_texts(args))  # before loading
         backbone = None
         if config.mode in ("recursive_multiscale", "recursive", "onestep"):
             backbone = build_backbone(args, device)
@@ -251,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = run_chain(image, backbone, config, prompts, on_step=lambda s: (done.append(s), bar.update(1)))
         except KeyboardInterrupt:  # Ctrl-C: keep the scales already made
-            result = ChainResult(done, config, (image.shape[-1], image.shape[-2]), cancelled=True)
+            result = ChainResult(done, config, (image.shape[-1], image.shape[-2]), cancelled=True,
+                                 prompt=prompt_info(prompts))
         bar.close()
         name = backbone.name if backbone is not None else config.mode
         out = args.output / path.stem

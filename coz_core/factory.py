@@ -19,6 +19,12 @@ from .sr.base import SRBackbone
 
 TEXT_ENCODERS = ("clip_l", "clip_g", "t5")
 
+# Upstream's prompt types (inference_coz.py --prompt_type; its DAPE tagger is not carried over):
+# vlm = Qwen2.5-VL + CoZ's GRPO adapter (ckpt/VLM_LoRA/checkpoint-10000), vlm_base = plain
+# Qwen2.5-VL, fixed = the user's per-step texts, none = no generated text (upstream's null: the
+# user prompt alone).
+PROMPT_TYPES = ("vlm", "vlm_base", "fixed", "none")
+
 
 def upscale_backbone(
     model: str | Path,
@@ -113,12 +119,79 @@ def vlm_prompt_source(
     max_new_tokens: int = policy.VLM_TOKENS,
     load_device: torch.device | None = None,
 ) -> PromptSource:
-    """Qwen2.5-VL (with an optional PEFT LoRA adapter merged in) writing each step's prompt."""
+    """Qwen2.5-VL (with an optional PEFT LoRA adapter merged in: prompt type ``vlm``, else
+    ``vlm_base``) writing each step's prompt."""
     from .prompt.qwen import QwenPromptSource, load_qwen_vl
 
+    if precision not in policy.PRECISIONS:  # an SD3-only preset (reference, fast, ...): the VLM's auto
+        precision = "auto"
     vlm = load_qwen_vl(folder, adapter=adapter, dtype=policy.resolve_dtype(precision, device),
                        device=load_device or device)
     return QwenPromptSource(vlm, max_new_tokens=max_new_tokens)
+
+
+def prompt_type(
+    kind: str | None,
+    vlm: str | Path | None = None,
+    adapter: str | Path | None = None,
+    texts: str | Sequence[str] = "",
+) -> str:
+    """The prompt type the given parts make (``kind`` None: inferred from them), or a ValueError
+    saying what to change. Cheap (reads only the adapter's config): call it before loading models."""
+    has_texts = any(t.strip() for t in ([texts] if isinstance(texts, str) else texts))
+    if kind is None:
+        kind = "vlm" if adapter else "vlm_base" if vlm else "fixed" if has_texts else "none"
+    if kind not in PROMPT_TYPES:
+        raise ValueError(f"unknown prompt type {kind!r}; choose one of {', '.join(PROMPT_TYPES)}")
+    if kind in ("vlm", "vlm_base"):
+        if not vlm:
+            raise ValueError(f"prompt type {kind!r} needs a Qwen2.5-VL-Instruct folder (coz-zoom: --vlm FOLDER)")
+        if kind == "vlm" and not adapter:
+            raise ValueError("prompt type 'vlm' is Qwen2.5-VL with CoZ's GRPO prompt adapter: give its folder "
+                             "(ckpt/VLM_LoRA/checkpoint-10000; coz-zoom: --vlm-adapter FOLDER), or choose "
+                             "'vlm_base' for the plain model")
+        if kind == "vlm_base" and adapter:
+            raise ValueError("prompt type 'vlm_base' is the plain Qwen2.5-VL: leave the adapter out "
+                             "(--vlm-adapter), or choose 'vlm' to merge it in")
+        if not Path(vlm).is_dir():
+            raise FileNotFoundError(f"Qwen2.5-VL folder not found: {vlm}")
+        if adapter:
+            from .prompt.adapter import check_adapter_folder
+
+            check_adapter_folder(Path(adapter))
+        if has_texts:
+            raise ValueError(f"prompt type {kind!r} writes its own prompts: leave the per-step texts out "
+                             "(--step-prompts), or choose 'fixed'")
+        return kind
+    if vlm or adapter:
+        raise ValueError(f"prompt type {kind!r} uses no VLM: leave --vlm/--vlm-adapter out, or choose 'vlm' "
+                         "or 'vlm_base'")
+    if kind == "fixed" and not has_texts:
+        raise ValueError("prompt type 'fixed' needs its texts (coz-zoom: --step-prompts 'a|b|c', one per step, "
+                         "the last repeats); for the user prompt alone choose 'none'")
+    if kind == "none" and has_texts:
+        raise ValueError("prompt type 'none' uses no per-step texts: leave --step-prompts out, or choose 'fixed'")
+    return kind
+
+
+def prompt_source(
+    kind: str | None,
+    device: torch.device,
+    precision: str = "auto",
+    *,
+    vlm: str | Path | None = None,
+    adapter: str | Path | None = None,
+    texts: str | Sequence[str] = "",
+    max_new_tokens: int = policy.VLM_TOKENS,
+    load_device: torch.device | None = None,
+) -> PromptSource:
+    """The prompt source of prompt type ``kind`` (one of :data:`PROMPT_TYPES`; None: inferred, see
+    :func:`prompt_type`). Its ``info`` says what runs, for manifests and node outputs."""
+    kind = prompt_type(kind, vlm, adapter, texts)
+    if kind in ("vlm", "vlm_base"):
+        return vlm_prompt_source(vlm, device, precision, adapter=adapter, max_new_tokens=max_new_tokens,
+                                 load_device=load_device)
+    return fixed_prompt_source(texts if kind == "fixed" else "")
 
 
 def fixed_prompt_source(texts: str | Sequence[str] = "") -> PromptSource:

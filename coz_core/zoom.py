@@ -19,7 +19,7 @@ import torch
 
 from .color import COLOR_METHODS, align_color
 from .imageops import ensure_rgb, resize
-from .prompt.base import FixedPrompts, PromptRequest, PromptSource, compose_prompt
+from .prompt.base import FixedPrompts, PromptRequest, PromptSource, compose_prompt, prompt_info
 from .sr.base import SRBackbone, SRRequest
 
 MODES = ("recursive_multiscale", "recursive", "onestep", "bicubic", "nearest")
@@ -191,6 +191,7 @@ class ChainResult:
     config: ChainConfig
     input_size: tuple[int, int]  # (w, h) of the original input
     cancelled: bool = False
+    prompt: dict | None = None  # the prompt source's prompt.base.prompt_info (type, model, adapter, tokens)
 
     @property
     def final(self) -> torch.Tensor:
@@ -211,7 +212,7 @@ class ChainResult:
     def record(self) -> dict:
         steps = [{**s.record(), "zoom": self.zoom_of(s)} for s in self.steps]
         return {"config": asdict(self.config), "input_size": list(self.input_size),
-                "cancelled": self.cancelled, "steps": steps}
+                "cancelled": self.cancelled, "prompt": self.prompt, "steps": steps}
 
 
 def prepare_input(image: torch.Tensor) -> torch.Tensor:
@@ -324,4 +325,4 @@ def run_chain(
         steps.append(ZoomStep(k, out, zoomed, prompts, shown, box, seconds))
         if on_step:
             on_step(steps[-1])
-    return ChainResult(steps, config, (in_w, in_h), cancelled)
+    return ChainResult(steps, config, (in_w, in_h), cancelled, prompt_info(source))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..coz_core.color import COLOR_METHODS
-from ..coz_core.prompt.base import FixedPrompts
+from ..coz_core.prompt.base import FixedPrompts, describe_prompts
 from ..coz_core.zoom import MODES, ChainConfig, run_chain
 from . import host
 from .common import CATEGORY, SR_MODEL, VLM, ZOOM_BOXES, image_in, image_out, join_prompts, zoom_inputs
@@ -15,13 +15,14 @@ class ZoomChain:
                    "super-resolved by the SR model with a prompt from the VLM. 4 steps of 4x make 256x.")
     CATEGORY = CATEGORY
     FUNCTION = "zoom"
-    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING", ZOOM_BOXES)
-    RETURN_NAMES = ("image", "scales", "prompts", "boxes")
+    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING", ZOOM_BOXES, "STRING")
+    RETURN_NAMES = ("image", "scales", "prompts", "boxes", "info")
     OUTPUT_TOOLTIPS = (
         "The last scale: the most magnified image.",
         "Every scale, scale 0 first (steps + 1 images per input image).",
         "The prompt of every step, one line each (one per batch element).",
         "The region of the input image each scale shows (for CoZ Zoom Video).",
+        "Which prompts ran: prompt type (vlm, vlm_base, none), model, adapter and token limit.",
     )
 
     @classmethod
@@ -64,7 +65,8 @@ class ZoomChain:
         result = run_chain(image_in(image), sr_model, config, vlm or FixedPrompts(""), on_step, should_stop)
         scales = torch.cat([image_out(s) for s in result.images])
         prompts = "\n".join(join_prompts(p) for p in result.prompts)
-        return image_out(result.final), scales, prompts, tuple(s.box for s in result.steps)
+        return (image_out(result.final), scales, prompts, tuple(s.box for s in result.steps),
+                describe_prompts(result.prompt))
 
 
 NODE_CLASS_MAPPINGS = {"CoZZoomChain": ZoomChain}

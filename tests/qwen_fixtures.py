@@ -5,6 +5,8 @@ generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json
 chat_template.json, preprocessor_config.json), written by the real libraries: a byte-level BPE
 tokenizer trained here with Qwen's special tokens, a Qwen2.5-VL built from a config with two
 text and two vision layers, and Qwen's published chat template and preprocessing settings.
+LoRA adapters are written by hand in the layout of CoZ's released GRPO adapter (transformers
+4.49 module names, its adapter_config.json verbatim), not with the installed peft.
 """
 from __future__ import annotations
 
@@ -132,6 +134,96 @@ def make_tiny_qwen(folder: Path, seed: int = 0) -> Path:
     )
     model.save_pretrained(folder)
     return folder
+
+
+# --- CoZ's GRPO prompt adapter, written by hand in its released layout ---------------------
+
+# ckpt/VLM_LoRA/checkpoint-10000/adapter_config.json as released (Chain-of-Zoom, upstream main)
+RELEASED_CONFIG = """{
+  "alpha_pattern": {},
+  "auto_mapping": null,
+  "base_model_name_or_path": "/mnt/data1/bryanswkim/cache/modelscope/models/Qwen/Qwen2___5-VL-3B-Instruct",
+  "bias": "none",
+  "corda_config": null,
+  "eva_config": null,
+  "exclude_modules": null,
+  "fan_in_fan_out": false,
+  "inference_mode": true,
+  "init_lora_weights": true,
+  "layer_replication": null,
+  "layers_pattern": null,
+  "layers_to_transform": null,
+  "loftq_config": {},
+  "lora_alpha": 32,
+  "lora_bias": false,
+  "lora_dropout": 0.05,
+  "megatron_config": null,
+  "megatron_core": "megatron.core",
+  "modules_to_save": [],
+  "peft_type": "LORA",
+  "r": 8,
+  "rank_pattern": {},
+  "revision": null,
+  "target_modules": "^(model).*\\\\.(q_proj|o_proj|gate_proj|down_proj|k_proj|up_proj|v_proj)$",
+  "task_type": "CAUSAL_LM",
+  "trainable_token_indices": null,
+  "use_dora": false,
+  "use_rslora": false
+}"""
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def released_layout(text: dict) -> dict[str, tuple[int, int]]:
+    """The linears CoZ's adapter targets, by transformers 4.49 module name, with their
+    (out, in) shapes from the text config: every attention and MLP projection of the language model."""
+    hidden, inter = text["hidden_size"], text["intermediate_size"]
+    head = hidden // text["num_attention_heads"]
+    kv = text["num_key_value_heads"] * head
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, hidden),
+              "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    layout = {}
+    for i in range(text["num_hidden_layers"]):
+        for proj in ATTENTION:
+            layout[f"model.layers.{i}.self_attn.{proj}"] = shapes[proj]
+        for proj in MLP:
+            layout[f"model.layers.{i}.mlp.{proj}"] = shapes[proj]
+    return layout
+
+
+def write_adapter(folder, modules: dict[str, tuple[int, int]], r: int = 8, config: str = RELEASED_CONFIG,
+                  seed: int = 0, extra: dict | None = None) -> dict[str, torch.Tensor]:
+    """A PEFT LoRA folder with random A and B for ``modules`` (name -> (out, in)); returns the tensors."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (out, inp) in modules.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, inp, generator=g) * 0.1
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(out, r, generator=g) * 0.1
+    tensors.update(extra or {})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(config)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return tensors
+
+
+def write_released_adapter(qwen: Path, folder: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """An adapter in the released layout for the model folder ``qwen`` (any config.json layout)."""
+    config = json.loads((Path(qwen) / "config.json").read_text())
+    return write_adapter(Path(folder), released_layout(config.get("text_config", config)), seed=seed)
+
+
+_BUILT: dict[Path, Path] = {}
+
+
+def shared_tiny_qwen(tmp_path_factory) -> Path:
+    """One tiny Qwen2.5-VL folder per test session, for tests that only read it."""
+    base = Path(tmp_path_factory.getbasetemp())
+    if base not in _BUILT:
+        _BUILT[base] = make_tiny_qwen(tmp_path_factory.mktemp("Qwen2.5-VL-tiny"))
+    return _BUILT[base]
 
 
 def reference_pixels(image: torch.Tensor, size: tuple[int, int]):

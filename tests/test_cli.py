@@ -1,6 +1,7 @@
 """coz-zoom: outputs, manifest, folders and clear errors (model-free modes here; the default
 backbone end to end is in test_default_chain.py)."""
 import json
+import re
 
 import numpy as np
 import torch
@@ -75,9 +76,9 @@ def test_cli_runs_coz_sd3_from_a_diffusers_folder(tmp_path, tmp_path_factory):
 
 def test_cli_with_a_vlm_folder(tmp_path, tmp_path_factory):
     """Prompts written by a (tiny) Qwen2.5-VL folder reach the manifest and prompts.txt."""
-    from tests.qwen_fixtures import make_tiny_qwen
+    from tests.qwen_fixtures import shared_tiny_qwen
 
-    folder = make_tiny_qwen(tmp_path_factory.mktemp("Qwen2.5-VL-tiny"))
+    folder = shared_tiny_qwen(tmp_path_factory)
     args = ["--vlm", str(folder), "--vlm-tokens", "6", "--size", "56", "--zoom", "2", "--steps", "2",
             "--precision", "fp32", "--prompt", "sharp", "--quiet", "-o", str(tmp_path)]
     assert main(args) == 0
@@ -85,7 +86,60 @@ def test_cli_with_a_vlm_folder(tmp_path, tmp_path_factory):
     prompts = [s["prompts"][0] for s in manifest["steps"][1:]]
     assert len(prompts) == 2 and all(p.endswith("sharp") or p.endswith("sharp,") for p in prompts)
     assert (tmp_path / "sample" / "prompts.txt").read_text().count("sharp") == 2
+    assert manifest["prompt"] == {"type": "vlm_base", "model": str(folder), "adapter": None, "max_new_tokens": 6}
     assert main(["--vlm", str(tmp_path / "nowhere"), "-o", str(tmp_path / "x")]) == 2
+
+
+class BicubicSR:
+    """A cheap SR backbone for tests of everything around it."""
+
+    name, size_multiple, uses_prompt = "bicubic-sr", 1, True
+
+    def __call__(self, request):
+        from coz_core.imageops import resize
+
+        return resize(request.region, request.size, "bicubic").clamp(0, 1)
+
+
+def test_cli_prompt_type_vlm_merges_the_grpo_adapter(tmp_path, tmp_path_factory, monkeypatch):
+    """--prompt-type vlm: the tiny Qwen with an adapter in the released layout; the manifest says
+    what ran, and the prompts differ from the plain model's."""
+    import coz_core.cli as cli
+    from tests.qwen_fixtures import shared_tiny_qwen, write_released_adapter
+
+    monkeypatch.setattr(cli, "build_backbone", lambda *a: BicubicSR())
+    folder = shared_tiny_qwen(tmp_path_factory)
+    adapter = tmp_path / "VLM_LoRA" / "checkpoint-10000"
+    tensors = write_released_adapter(folder, adapter, seed=2)
+    args = ["--vlm", str(folder), "--size", "56", "--zoom", "2", "--steps", "1", "--precision", "fp32", "--quiet"]
+    assert main(args + ["--prompt-type", "vlm", "--vlm-adapter", str(adapter), "-o", str(tmp_path / "a")]) == 0
+    assert main(args + ["--prompt-type", "vlm_base", "-o", str(tmp_path / "b")]) == 0
+    tuned = json.loads((tmp_path / "a" / "sample" / "manifest.json").read_text())
+    plain = json.loads((tmp_path / "b" / "sample" / "manifest.json").read_text())
+    assert tuned["prompt"]["type"] == "vlm" and tuned["prompt"]["max_new_tokens"] == 32  # upstream's default
+    assert tuned["prompt"]["adapter"]["path"] == str(adapter)
+    assert tuned["prompt"]["adapter"]["tensors"] == len(tensors) == 2 * tuned["prompt"]["adapter"]["modules"]
+    assert plain["prompt"]["type"] == "vlm_base" and plain["prompt"]["adapter"] is None
+    assert tuned["steps"][1]["prompts"] != plain["steps"][1]["prompts"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt-type", "vlm", "--vlm", "."], "'vlm' is Qwen2.5-VL with CoZ's GRPO prompt adapter.*--vlm-adapter"),
+    (["--prompt-type", "vlm_base", "--vlm", ".", "--vlm-adapter", "."], "'vlm_base' is the plain.*leave the adapter out"),
+    (["--prompt-type", "vlm_base"], "needs a Qwen2.5-VL-Instruct folder.*--vlm"),
+    (["--vlm-adapter", "missing"], "'vlm' needs a Qwen2.5-VL-Instruct folder"),
+    (["--prompt-type", "vlm", "--vlm", ".", "--vlm-adapter", "missing"], "missing is not a PEFT adapter folder"),
+    (["--prompt-type", "fixed"], "'fixed' needs its texts.*--step-prompts"),
+    (["--prompt-type", "none", "--step-prompts", "a|b"], "'none' uses no per-step texts"),
+    (["--prompt-type", "fixed", "--step-prompts", "a", "--vlm", "."], "'fixed' uses no VLM"),
+])
+def test_prompt_type_errors_come_before_any_model_loads(tmp_path, capsys, monkeypatch, args, message):
+    import coz_core.cli as cli
+
+    monkeypatch.setattr(cli, "build_backbone", lambda *a: pytest.fail("loaded a backbone before checking prompts"))
+    assert main(args + ["-o", str(tmp_path / "out"), "--quiet"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_step_prompts_without_a_model(tmp_path):
@@ -93,6 +147,7 @@ def test_step_prompts_without_a_model(tmp_path):
                  "--quiet", "-o", str(tmp_path)]) == 0
     manifest = json.loads((tmp_path / "sample" / "manifest.json").read_text())
     assert [s["prompts"] for s in manifest["steps"][1:]] == [["a"], ["b"], ["b"]]
+    assert manifest["prompt"] == {"type": "fixed", "texts": ["a", "b"]}
 
 
 def test_coz_convert_writes_loadable_safetensors(tmp_path, tmp_path_factory, capsys):
@@ -133,4 +188,5 @@ def test_ctrl_c_keeps_the_scales_already_made(tmp_path, monkeypatch, capsys):
     assert "interrupted" in capsys.readouterr().err
     manifest = json.loads((tmp_path / "sample" / "manifest.json").read_text())
     assert manifest["cancelled"] is True and len(manifest["steps"]) == 2
+    assert manifest["prompt"] == {"type": "none"}
     assert (tmp_path / "sample" / "scale_1.png").is_file() and not (tmp_path / "sample" / "scale_2.png").exists()

@@ -142,8 +142,8 @@ def chain_inputs(**over):
 def test_zoom_chain_equals_run_chain_for_every_batch_element():
     image = photo(batch=2, h=40, w=50)
     args = chain_inputs()
-    final, scales, prompts, _ = NODES["CoZZoomChain"]().zoom(bhwc(image), **args, sr_model=LanczosSR(),
-                                                          vlm=FixedPrompts(["one", "two"]))
+    final, scales, prompts, _, info = NODES["CoZZoomChain"]().zoom(bhwc(image), **args, sr_model=LanczosSR(),
+                                                                   vlm=FixedPrompts(["one", "two"]))
     config = ChainConfig(mode="recursive_multiscale", steps=3, zoom=2.0, size=(32, 24), center=(0.3, 0.6),
                          color="wavelet", user_prompt="detailed", seed=5)
     ref = run_chain(image, LanczosSR(), config, FixedPrompts(["one", "two"]))
@@ -151,6 +151,7 @@ def test_zoom_chain_equals_run_chain_for_every_batch_element():
     assert torch.allclose(final, bhwc(ref.final), atol=1e-6)
     assert torch.allclose(scales, torch.cat([bhwc(s) for s in ref.images]), atol=1e-6)
     assert prompts.splitlines() == ["one, detailed,"] * 2 + ["two, detailed,"] * 4
+    assert info == "prompts: fixed (2 per-step texts, the last repeats)"
 
 
 def test_zoom_chain_without_model_and_its_progress():
@@ -163,11 +164,11 @@ def test_zoom_chain_without_model_and_its_progress():
 
     host.Progress.update = spy
     try:
-        final, scales, prompts, _ = NODES["CoZZoomChain"]().zoom(bhwc(photo()), **chain_inputs(mode="bicubic"))
+        final, scales, prompts, _, info = NODES["CoZZoomChain"]().zoom(bhwc(photo()), **chain_inputs(mode="bicubic"))
     finally:
         host.Progress.update = original
     assert updates == [(k, 3, (1, 24, 32, 3)) for k in (1, 2, 3)]
-    assert scales.shape[0] == 4 and prompts == "\n\n"
+    assert scales.shape[0] == 4 and prompts == "\n\n" and info.startswith("prompts: none")
     with pytest.raises(ValueError, match="backbone"):
         NODES["CoZZoomChain"]().zoom(bhwc(photo()), **chain_inputs())
 

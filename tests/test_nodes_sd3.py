@@ -53,7 +53,7 @@ def test_chain_with_the_loaded_model(models):
     assert sr.name == "coz-sd3" and sr.size_multiple == 16 and isinstance(sr.inner, CoZSD3Backbone)
     # every module goes to the host's model management; T5 was left out
     assert sorted(m.name for m in sr.managed) == ["SD3 VAE", "SD3 clip_g", "SD3 clip_l", "SD3 transformer"]
-    final, scales, prompts, _ = NODES["CoZZoomChain"]().zoom(bhwc(photo(h=48, w=40)), "recursive", 2, 2.0, 32, 32,
+    final, scales, prompts, *_ = NODES["CoZZoomChain"]().zoom(bhwc(photo(h=48, w=40)), "recursive", 2, 2.0, 32, 32,
                                                           0.5, 0.5, "wavelet", "photo", 3, sr_model=sr,
                                                           vlm=FixedPrompts("a face"))
     assert scales.shape == (3, 32, 32, 3) and torch.isfinite(scales).all()

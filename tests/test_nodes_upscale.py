@@ -62,7 +62,7 @@ def test_comfy_upscale_model_becomes_a_backbone_and_stays_shared(models_dir, com
     assert sr.size_multiple == 1 and not sr.uses_prompt
     image = photo(h=32, w=32)
     # zoom 2 with a x4 model: the model's output is resized to the process size
-    final, scales, _, _ = NODES["CoZZoomChain"]().zoom(bhwc(image), "recursive", 2, 2.0, 32, 32, 0.5, 0.5, "none",
+    final, scales, *_ = NODES["CoZZoomChain"]().zoom(bhwc(image), "recursive", 2, 2.0, 32, 32, 0.5, 0.5, "none",
                                                     "", 0, sr_model=sr)
     assert scales.shape == (3, 32, 32, 3)
     weight = next(module.parameters())

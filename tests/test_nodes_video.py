@@ -32,7 +32,7 @@ def chain_outputs(batch=1):
 
 def test_returns_an_image_batch_of_the_zoom():
     image = photo(h=40, w=50)
-    _, scales, _, boxes = chain_outputs()
+    _, scales, _, boxes, _ = chain_outputs()
     frames, fps = NODES["CoZZoomVideo"]().render(scales, boxes, **VIDEO)
     assert frames.shape == (4 * 2 + 1, 24, 32, 3) and frames.dtype == torch.float32 and fps == 24.0
     # the same frames as the library on the same chain
@@ -45,7 +45,7 @@ def test_returns_an_image_batch_of_the_zoom():
 
 
 def test_a_batch_gives_one_video_after_another_and_directions():
-    _, scales, _, boxes = chain_outputs(batch=2)  # scale-major: s0 b0, s0 b1, s1 b0, ...
+    _, scales, _, boxes, _ = chain_outputs(batch=2)  # scale-major: s0 b0, s0 b1, s1 b0, ...
     frames, _ = NODES["CoZZoomVideo"]().render(scales, boxes, **VIDEO)
     assert frames.shape == (2 * 9, 24, 32, 3)
     for b in range(2):
@@ -72,13 +72,13 @@ def test_the_loop_gives_the_chain_s_boxes():
 
 
 def test_mismatched_inputs_are_refused():
-    _, scales, _, boxes = chain_outputs()
+    _, scales, _, boxes, _ = chain_outputs()
     with pytest.raises(ValueError, match="same chain"):
         NODES["CoZZoomVideo"]().render(scales[:2], boxes, **VIDEO)
 
 
 def test_progress_per_chunk_and_cancel(monkeypatch):
-    _, scales, _, boxes = chain_outputs()
+    _, scales, _, boxes, _ = chain_outputs()
     updates = []
     real = host.Progress.update
 

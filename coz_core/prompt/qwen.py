@@ -6,7 +6,10 @@ zoomed input (multi-scale), or the zoomed input alone. Images pass through qwen-
 rules (see ``vision.py``) and the Qwen image processor; the chat template comes from the model
 folder. Generation is greedy with the folder's repetition penalty, which is what the reference's
 call amounts to (it samples with the folder's generation_config.json, and Qwen2.5-VL-Instruct's
-asks for temperature 1e-6 and repetition_penalty 1.05), capped at 128 new tokens.
+asks for temperature 1e-6 and repetition_penalty 1.05), capped at 32 new tokens as upstream's
+current code (its first release: 128). Upstream's prompt types ``vlm`` (with the GRPO adapter
+``ckpt/VLM_LoRA/checkpoint-10000`` merged in, see ``adapter.py``) and ``vlm_base`` (plain) are
+the same source with and without ``adapter``.
 
 The pieces are assembled by hand rather than with ``AutoProcessor``: in transformers 5 the
 Qwen2.5-VL processor cannot be built without torchvision (its video processor needs it), and the
@@ -36,6 +39,7 @@ import numpy as np
 import torch
 
 from ..policy import VLM_TOKENS
+from .adapter import AdapterMerge, check_adapter_folder, merge_lora
 from .base import PromptRequest
 from .clean import CLIP_TOKENS, clean_prompt
 from .vision import pixel_limits, prepare_images
@@ -65,7 +69,7 @@ def messages(system: str, images: int) -> list[dict]:
 class QwenVL:
     """A loaded Qwen2.5-VL: the model and the parts of its processor."""
 
-    model: Any  # Qwen2_5_VLForConditionalGeneration (or its PEFT-merged self)
+    model: Any  # Qwen2_5_VLForConditionalGeneration (with the adapter merged in, if any)
     tokenizer: Any
     image_processor: Any
     chat_template: str
@@ -122,6 +126,7 @@ class QwenVL:
             # compile on whatever device the model is on (transformers compiles on CUDA by default)
             self._compile_config._compile_all_devices = True
         return {**options, "compile_config": self._compile_config}
+    adapter_merge: AdapterMerge | None = None  # what merging ``adapter`` changed
 
     @property
     def device(self) -> torch.device:
@@ -268,21 +273,6 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
     return DTYPES[str(dtype).lower()]
 
 
-def _check_adapter(adapter: Path) -> None:
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"{adapter} is not a PEFT adapter folder: adapter_config.json is missing "
-            "(save the adapter with peft's save_pretrained)"
-        )
-    if not (adapter / "adapter_model.safetensors").is_file():
-        pickled = (adapter / "adapter_model.bin").is_file()
-        found = "adapter_model.bin (a pickle, not loaded for safety)" if pickled else "no weights"
-        raise FileNotFoundError(
-            f"{adapter} has {found}; expected adapter_model.safetensors (re-save it with "
-            "peft's save_pretrained(..., safe_serialization=True))"
-        )
-
-
 def load_qwen_vl(
     folder: str | Path,
     adapter: str | Path | None = None,
@@ -293,7 +283,8 @@ def load_qwen_vl(
     """Load a Qwen2.5-VL model folder (e.g. ``models/LLM/Qwen2.5-VL-3B-Instruct``) offline.
 
     ``adapter``: a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors), merged
-    into the weights. ``dtype``: torch dtype or "bf16"/"fp16"/"fp32"/"auto" (None: the folder's).
+    into the weights completely or refused (see :mod:`.adapter`), in either transformers layout.
+    ``dtype``: torch dtype or "bf16"/"fp16"/"fp32"/"auto" (None: the folder's).
     ``attn_implementation``: "sdpa", "eager", "flash_attention_2" (None: transformers' choice).
     ``device``: where the model goes (None: stays on the CPU).
     """
@@ -323,7 +314,7 @@ def load_qwen_vl(
     min_pixels, max_pixels = pixel_limits(folder)
     adapter_path = None if adapter is None else Path(adapter)
     if adapter_path is not None:
-        _check_adapter(adapter_path)  # before the (slow) model load
+        check_adapter_folder(adapter_path)  # before the (slow) model load
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
@@ -332,10 +323,7 @@ def load_qwen_vl(
         kwargs["attn_implementation"] = attn_implementation
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, **kwargs)
 
-    if adapter_path is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_path, is_trainable=False).merge_and_unload()
+    merged = None if adapter_path is None else merge_lora(model, adapter_path)
 
     model.eval().requires_grad_(False)
     if device is not None:
@@ -350,7 +338,7 @@ def load_qwen_vl(
         model=model, tokenizer=tokenizer, image_processor=image_processor, chat_template=template,
         folder=folder, min_pixels=min_pixels, max_pixels=max_pixels,
         repetition_penalty=repetition_penalty,
-        adapter=adapter_path,
+        adapter=adapter_path, adapter_merge=merged,
     )
 
 
@@ -387,6 +375,14 @@ class QwenPromptSource:
     token_budget: int = CLIP_TOKENS
     count_tokens: Callable[[str], int] | None = None
     records: list[PromptRecord] = field(default_factory=list)
+
+    @property
+    def info(self) -> dict:
+        """Which prompts run: ``vlm`` (with an adapter merged in) or ``vlm_base``, the model
+        folder, what the adapter merge changed, and the token limit."""
+        merge = self.vlm.adapter_merge
+        return {"type": "vlm" if self.vlm.adapter is not None else "vlm_base", "model": str(self.vlm.folder),
+                "adapter": merge.record() if merge is not None else None, "max_new_tokens": self.max_new_tokens}
 
     def __call__(self, request: PromptRequest) -> list[str]:
         if request.previous.shape[0] != request.zoomed.shape[0]:
