@@ -166,8 +166,8 @@ def blend_profiles(tiles: list[Tile], height: int, width: int, overlap: int, ble
 
 def enlarge(image: torch.Tensor, factor: int, box: tuple[int, int, int, int]) -> torch.Tensor:
     """The pixels ``box`` (left, top, right, bottom, output pixels) of ``image`` resized x``factor``
-    with Lanczos, exactly as those of the whole enlarged image (Pillow's arithmetic); parts of the
-    box beyond the enlarged image repeat its edge."""
+    with Lanczos, exactly as those of the whole enlarged image (Pillow's arithmetic, clamped to 0..1
+    as Pillow's 8-bit result is); parts of the box beyond the enlarged image repeat its edge."""
     h, w = image.shape[-2:]
     left, top, right, bottom = box
     cl, ct, cr, cb = max(left, 0), max(top, 0), min(right, w * factor), min(bottom, h * factor)
@@ -176,7 +176,7 @@ def enlarge(image: torch.Tensor, factor: int, box: tuple[int, int, int, int]) ->
     x1, y1 = min(math.ceil(cr / factor) + LANCZOS_REACH, w), min(math.ceil(cb / factor) + LANCZOS_REACH, h)
     part = image[..., y0:y1, x0:x1]
     out = resize(part, (cb - ct, cr - cl), "lanczos",
-                 box=(cl / factor - x0, ct / factor - y0, cr / factor - x0, cb / factor - y0))
+                 box=(cl / factor - x0, ct / factor - y0, cr / factor - x0, cb / factor - y0)).clamp_(0, 1)
     pad = (cl - left, right - cr, ct - top, bottom - cb)
     if any(pad):
         out = F.pad(out, pad, mode="replicate")
@@ -531,7 +531,7 @@ def upscale_image(
             rgb = out
         if alpha_all is not None:
             a = alpha_all[b:b + 1]
-            result[b:b + 1, 3:] = enlarge(a, config.factor, (0, 0, w * config.factor, h * config.factor)).clamp(0, 1)
+            result[b:b + 1, 3:] = enlarge(a, config.factor, (0, 0, w * config.factor, h * config.factor))
         if cancelled:
             break
     name = getattr(backbone, "name", type(backbone).__name__)

@@ -43,7 +43,7 @@ def test_passes():
 
 def test_enlarged_tiles_equal_the_whole_enlargement():
     image = photo(37, 53)
-    whole = resize(image, (37 * 4, 53 * 4), "lanczos")
+    whole = resize(image, (37 * 4, 53 * 4), "lanczos").clamp(0, 1)
     for box in [(0, 0, 64, 48), (40, 24, 212, 148), (200, 100, 212, 148)]:
         assert torch.allclose(enlarge(image, 4, box), whole[..., box[1]:box[3], box[0]:box[2]], atol=1e-5)
     padded = enlarge(image, 4, (200, 140, 224, 160))  # beyond the image: edge repeated
@@ -111,7 +111,7 @@ def test_each_tile_gets_its_prompt_and_its_own_view():
     source = TileMean()
     result = upscale_image(image, PromptPainter(), UpscaleConfig(factor=2, tile=64, overlap=16, color="none",
                                                                  user_prompt=""), source)
-    whole = resize(image, (96, 160), "lanczos")
+    whole = resize(image, (96, 160), "lanczos").clamp(0, 1)
     for t in result.tiles:
         left, top, right, bottom = t.tile.box
         assert float(t.prompt) == pytest.approx(float(whole[..., top:bottom, left:right].mean()), abs=2e-4)
@@ -195,10 +195,10 @@ MEMORY_SCRIPT = textwrap.dedent("""
 def test_memory_is_the_output_plus_one_tile():
     """Peak RSS beyond the output stays flat when the image grows 4x in area."""
     extra = []
-    for side in (128, 256):
+    for side in (256, 512):
         out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(side)], capture_output=True, text=True,
                              check=True, cwd=Path(__file__).resolve().parent.parent)
         grown, output = map(int, out.stdout.split())
         extra.append(grown - output)
-    # output 3 MB -> 12 MB; what is not the output may not grow by more than a few MB
-    assert extra[1] - extra[0] < 4 * 2**20, extra
+    # the output grows from 12 MB to 48 MB; the rest (about 30 MB here) may not grow by more than 8 MB
+    assert extra[1] - extra[0] < 8 * 2**20, extra
