@@ -8,7 +8,7 @@ import torch
 
 from ..coz_core.color import COLOR_METHODS
 from ..coz_core.prompt.base import FixedPrompts
-from ..coz_core.upscale_image import BLENDS, UpscaleConfig, is_sd3, upscale_image
+from ..coz_core.upscale_image import BLENDS, PROMPT_TOKENS, UpscaleConfig, is_sd3, upscale_image
 from . import host
 from .common import CATEGORY, SR_MODEL, VLM, image_in
 
@@ -61,8 +61,11 @@ class UpscaleImage:
                                  "Seed of the latent sample (SD3)."}),
             },
             "optional": {
-                "vlm": (VLM, {"tooltip": "From CoZ Load VLM: writes a prompt for every tile (16 new tokens as "
-                                         "upstream is a good setting there)."}),
+                "vlm": (VLM, {"tooltip": "From CoZ Load VLM: writes a prompt for every tile from the whole "
+                                         "picture and the tile."}),
+                "prompt_tokens": ("INT", {"default": PROMPT_TOKENS, "min": 1, "max": 512, "tooltip":
+                                          "New tokens per tile prompt from the VLM (upstream: 16); replaces the "
+                                          "VLM loader's setting for this node only."}),
                 "tile_prompts": ("STRING", {"default": "", "multiline": True, "forceInput": True, "tooltip":
                                             "Without a VLM: one prompt per line, per tile in raster order "
                                             "(the last line repeats)."}),
@@ -70,7 +73,7 @@ class UpscaleImage:
         }
 
     def upscale(self, image, sr_model, factor, tile, overlap, color, blend, user_prompt, seed,
-                vlm=None, tile_prompts=None):
+                vlm=None, prompt_tokens=PROMPT_TOKENS, tile_prompts=None):
         config = UpscaleConfig(factor=int(factor), tile=int(tile) or None, overlap=int(overlap) or None,
                                color=color, blend=blend, user_prompt=user_prompt, seed=int(seed))
         source = vlm
@@ -93,7 +96,15 @@ class UpscaleImage:
             host.throw_if_cancelled()
             return False
 
-        result = upscale_image(image_in(image), backbone, config, source, on_tile, should_stop, load_models)
+        inner = source.inner if isinstance(source, host.Hosted) else source
+        tokens = getattr(inner, "max_new_tokens", None)
+        if tokens is not None:  # the loader's object is shared with other nodes: restore it afterwards
+            inner.max_new_tokens = int(prompt_tokens)
+        try:
+            result = upscale_image(image_in(image), backbone, config, source, on_tile, should_stop, load_models)
+        finally:
+            if tokens is not None:
+                inner.max_new_tokens = tokens
         lines = [f"pass {t.pass_index} tile {t.tile.index} (row {t.tile.row}, col {t.tile.col}): {t.prompt}"
                  for t in result.tiles]
         # the result's storage is already [B, H, W, C]: no copy of the large image

@@ -52,3 +52,18 @@ def test_workflow_05_api_copy_runs_offline(default_backbone):
     node = next(n for n in ui["nodes"] if n["type"] == "CoZUpscaleImage")
     assert node["widgets_values"][:7] == [inputs[k] for k in ("factor", "tile", "overlap", "color", "blend",
                                                              "user_prompt", "seed")]
+
+
+def test_node_asks_the_vlm_per_tile_with_upstreams_token_limit(tmp_path, monkeypatch):
+    from tests.qwen_fixtures import make_tiny_qwen
+
+    make_tiny_qwen(tmp_path / "LLM" / "qwen-tiny")
+    monkeypatch.setenv("COZ_MODELS_DIR", str(tmp_path))
+    vlm = NODES["CoZLoadVLM"]().load("qwen-tiny", "none", "fp32", 64)[0]
+    image = bhwc(resize(load_image(ROOT / "coz_core" / "data" / "sample.png"), (32, 56), "lanczos").clamp(0, 1))
+    out, prompts = NODES["CoZUpscaleImage"]().upscale(image, tiny_model(), "2", 64, 16, "wavelet", "cosine", "",
+                                                      0, vlm=vlm, prompt_tokens=3)
+    records = vlm.inner.records
+    assert out.shape == (1, 64, 112, 3) and len(records) == len(prompts.split("\n")) == 2  # one prompt per tile
+    assert all(r.new_tokens <= 3 for r in records) and vlm.inner.max_new_tokens == 64  # restored
+    assert [line.split(": ", 1)[1] for line in prompts.split("\n")] == [r.prompt for r in records]
