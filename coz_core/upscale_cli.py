@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     vlm.add_argument("--vlm-adapter", type=Path, help="a PEFT LoRA folder for the VLM (e.g. CoZ's GRPO adapter)")
     vlm.add_argument("--vlm-tokens", type=int, default=PROMPT_TOKENS,
                      help=f"max new tokens per tile prompt (default {PROMPT_TOKENS}, as upstream)")
+    vlm.add_argument("--vlm-batch", type=int, default=4,
+                     help="tile prompts the VLM writes at once (default 4; halved when memory runs out)")
     vlm.add_argument("--tile-prompts", dest="step_prompts", default=None,
                      help="without --vlm: prompts per tile in raster order separated by '|' (the last repeats)")
     return p
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         config = config.resolved(backbone)
         config.validate(backbone)  # before the (slow) VLM load
         prompts = build_prompt_source(args, device, dtype)
+        if hasattr(prompts, "batch_size"):
+            prompts.batch_size = max(1, args.vlm_batch)
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"coz-upscale: {exc}", file=sys.stderr)
         return 2

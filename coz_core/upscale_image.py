@@ -374,16 +374,23 @@ class _Run:
         records = [TileRecord(b, k, t) for t in tiles]
         self.records.extend(records)
 
-        # 1. prompts, all first: the VLM is loaded once, then the SR model
-        for rec in records:
+        # 1. prompts, all first: the VLM is loaded once, then the SR model. A source with a
+        # ``batch_size`` (the VLM) gets that many tiles per request; others one tile (its step = tile number)
+        size = max(1, int(getattr(self.source, "batch_size", 1) or 1))
+        for start in range(0, len(records), size):
             if self.stop():
                 return False
+            group = records[start:start + size]
             t0 = time.perf_counter()
-            view = enlarge(rgb, factor, _clip_box(rec.tile.box, W, H))
-            generated = self.source(PromptRequest(context, view, rec.tile.index + 1, multiscale=True))
-            rec.prompt = compose_prompt(generated[0] if generated else "", cfg.user_prompt)
-            rec.seconds["prompt"] = time.perf_counter() - t0
-            self.tick("prompt", rec, out)
+            views = torch.cat([enlarge(rgb, factor, _clip_box(r.tile.box, W, H)) for r in group])
+            request = PromptRequest(context.expand(len(group), -1, -1, -1), views, group[0].tile.index + 1)
+            generated = list(self.source(request))
+            if len(generated) != len(group):
+                raise RuntimeError(f"the prompt source wrote {len(generated)} prompts for {len(group)} tiles")
+            for rec, text in zip(group, generated):
+                rec.prompt = compose_prompt(text, cfg.user_prompt)
+                rec.seconds["prompt"] = (time.perf_counter() - t0) / len(group)
+                self.tick("prompt", rec, out)
 
         if self.load_models:
             self.load_models()

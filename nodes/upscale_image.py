@@ -66,6 +66,9 @@ class UpscaleImage:
                 "prompt_tokens": ("INT", {"default": PROMPT_TOKENS, "min": 1, "max": 512, "tooltip":
                                           "New tokens per tile prompt from the VLM (upstream: 16); replaces the "
                                           "VLM loader's setting for this node only."}),
+                "prompt_batch": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip":
+                                         "Tile prompts the VLM writes at once (faster on a GPU; halved "
+                                         "automatically when memory runs out)."}),
                 "tile_prompts": ("STRING", {"default": "", "multiline": True, "forceInput": True, "tooltip":
                                             "Without a VLM: one prompt per line, per tile in raster order "
                                             "(the last line repeats)."}),
@@ -73,7 +76,7 @@ class UpscaleImage:
         }
 
     def upscale(self, image, sr_model, factor, tile, overlap, color, blend, user_prompt, seed,
-                vlm=None, prompt_tokens=PROMPT_TOKENS, tile_prompts=None):
+                vlm=None, prompt_tokens=PROMPT_TOKENS, prompt_batch=4, tile_prompts=None):
         config = UpscaleConfig(factor=int(factor), tile=int(tile) or None, overlap=int(overlap) or None,
                                color=color, blend=blend, user_prompt=user_prompt, seed=int(seed))
         source = vlm
@@ -96,15 +99,17 @@ class UpscaleImage:
             host.throw_if_cancelled()
             return False
 
+        # the VLM loader's object is shared with other nodes: this node's settings are restored afterwards
         inner = source.inner if isinstance(source, host.Hosted) else source
-        tokens = getattr(inner, "max_new_tokens", None)
-        if tokens is not None:  # the loader's object is shared with other nodes: restore it afterwards
-            inner.max_new_tokens = int(prompt_tokens)
+        settings = {"max_new_tokens": int(prompt_tokens), "batch_size": int(prompt_batch)}
+        saved = {k: getattr(inner, k) for k in settings if hasattr(inner, k)}
+        for key in saved:
+            setattr(inner, key, settings[key])
         try:
             result = upscale_image(image_in(image), backbone, config, source, on_tile, should_stop, load_models)
         finally:
-            if tokens is not None:
-                inner.max_new_tokens = tokens
+            for key, value in saved.items():
+                setattr(inner, key, value)
         lines = [f"pass {t.pass_index} tile {t.tile.index} (row {t.tile.row}, col {t.tile.col}): {t.prompt}"
                  for t in result.tiles]
         # the result's storage is already [B, H, W, C]: no copy of the large image

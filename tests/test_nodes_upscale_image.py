@@ -60,10 +60,17 @@ def test_node_asks_the_vlm_per_tile_with_upstreams_token_limit(tmp_path, monkeyp
     make_tiny_qwen(tmp_path / "LLM" / "qwen-tiny")
     monkeypatch.setenv("COZ_MODELS_DIR", str(tmp_path))
     vlm = NODES["CoZLoadVLM"]().load("qwen-tiny", "none", "fp32", 64)[0]
-    image = bhwc(resize(load_image(ROOT / "coz_core" / "data" / "sample.png"), (32, 56), "lanczos").clamp(0, 1))
-    out, prompts = NODES["CoZUpscaleImage"]().upscale(image, tiny_model(), "2", 64, 16, "wavelet", "cosine", "",
-                                                      0, vlm=vlm, prompt_tokens=3)
-    records = vlm.inner.records
-    assert out.shape == (1, 64, 112, 3) and len(records) == len(prompts.split("\n")) == 2  # one prompt per tile
-    assert all(r.new_tokens <= 3 for r in records) and vlm.inner.max_new_tokens == 64  # restored
-    assert [line.split(": ", 1)[1] for line in prompts.split("\n")] == [r.prompt for r in records]
+    image = bhwc(resize(load_image(ROOT / "coz_core" / "data" / "sample.png"), (32, 88), "lanczos").clamp(0, 1))
+    runs = []
+    for batch in (1, 3):  # one tile per VLM call, then three tiles per (left-padded) batch
+        vlm.inner.records.clear()
+        out, prompts = NODES["CoZUpscaleImage"]().upscale(image, tiny_model(), "2", 64, 16, "wavelet", "cosine",
+                                                          "", 0, vlm=vlm, prompt_tokens=3, prompt_batch=batch)
+        runs.append([(r.index, r.raw, r.new_tokens) for r in vlm.inner.records])
+        records = vlm.inner.records
+        assert out.shape == (1, 64, 176, 3) and len(records) == len(prompts.split("\n")) == 4  # one per tile
+        assert [line.split(": ", 1)[1] for line in prompts.split("\n")] == [r.prompt for r in records]
+    assert all(0 < n <= 3 for _, _, n in runs[0]) and vlm.inner.max_new_tokens == 64  # restored
+    assert vlm.inner.batch_size == 1
+    assert [raw for _, raw, _ in runs[0]] == [raw for _, raw, _ in runs[1]]  # batching changes no answer
+    assert [i for i, _, _ in runs[1]] == [0, 1, 2, 0]  # two requests: tiles 1-3, then tile 4
