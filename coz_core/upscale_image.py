@@ -382,7 +382,8 @@ class _Run:
                 return False
             group = records[start:start + size]
             t0 = time.perf_counter()
-            views = torch.cat([enlarge(rgb, factor, _clip_box(r.tile.box, W, H)) for r in group])
+            # the tile as the model gets it (a padded SD3 grid repeats the image's edge): all of one size
+            views = torch.cat([enlarge(rgb, factor, r.tile.box) for r in group])
             request = PromptRequest(context.expand(len(group), -1, -1, -1), views, group[0].tile.index + 1)
             generated = list(self.source(request))
             if len(generated) != len(group):
@@ -468,10 +469,6 @@ class _Run:
         oy, ox = top - t * factor, left - l * factor
         crop = (slice(oy, oy + bottom - top), slice(ox, ox + right - left))
         return out[..., crop[0], crop[1]]
-
-
-def _clip_box(box: tuple[int, int, int, int], width: int, height: int) -> tuple[int, int, int, int]:
-    return box[0], box[1], min(box[2], width), min(box[3], height)
 
 
 def count_units(height: int, width: int, backbone, config: UpscaleConfig) -> int:

@@ -84,3 +84,26 @@ def test_seed_fixes_the_sample(backbone):
     image = photo(32, 48)
     run = lambda seed: upscale_image(image, backbone, UpscaleConfig(factor=2, tile=64, overlap=16, seed=seed)).image
     assert torch.equal(run(1), run(1)) and not torch.allclose(run(1), run(2), atol=1e-4)
+
+
+class BatchedNames:
+    """A prompt source taking tiles in batches (like the VLM): names each tile by its number."""
+
+    batch_size = 4
+
+    def __init__(self):
+        self.requests = []
+
+    def __call__(self, request):
+        self.requests.append(tuple(request.zoomed.shape))
+        return [f"tile {request.step + i}" for i in range(request.batch)]
+
+
+def test_sizes_off_the_sd3_grid_and_batched_prompts(backbone):
+    source = BatchedNames()
+    result = upscale_image(photo(45, 70), backbone, UpscaleConfig(factor=2, tile=64, overlap=16), source)
+    assert result.image.shape == (1, 3, 90, 140) and torch.isfinite(result.image).all()
+    n = len(result.tiles)
+    assert result.prompts == [f"tile {i + 1}" for i in range(n)]
+    assert [s[0] for s in source.requests] == [4] * (n // 4) + ([n % 4] if n % 4 else [])
+    assert {s[-2:] for s in source.requests} == {(64, 64)}  # the padded grid's tiles, all one size
