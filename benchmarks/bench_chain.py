@@ -20,12 +20,12 @@ def run_one(precision: str, size: int, steps: int, threads: int) -> dict:
 
     from coz_core import ChainConfig, run_chain
     from coz_core.cli import sample_image_path
-    from coz_core.device import parse_dtype
+    from coz_core.policy import resolve_dtype
     from coz_core.imageops import load_image
     from coz_core.sr.realesrgan import load_embedded
 
     torch.set_num_threads(threads)
-    backbone = load_embedded("x4plus", device=torch.device("cpu"), dtype=parse_dtype(precision))
+    backbone = load_embedded("x4plus", device=torch.device("cpu"), dtype=resolve_dtype(precision, torch.device("cpu")))
     image = load_image(sample_image_path())
     t0 = time.perf_counter()
     result = run_chain(image, backbone, ChainConfig(steps=steps, size=size))

@@ -18,7 +18,7 @@ import torch
 
 from . import __version__
 from .color import COLOR_METHODS
-from .device import default_device, parse_dtype
+from . import factory, policy
 from .imageops import IMAGE_SUFFIXES, load_image, resize, save_image
 from .prompt.base import FixedPrompts
 from .zoom import MODES, ChainConfig, ChainResult, ZoomStep, run_chain
@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedded Real-ESRGAN name (x4plus, x4plus_anime, animevideov3) or a "
                    "Real-ESRGAN .safetensors/.pth file (default x4plus)")
     p.add_argument("--prompt", default="", help="user prompt appended to every step's prompt")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="model precision (auto: bf16 where the device runs it well, else fp32)")
+    p.add_argument("--precision", default="auto", choices=policy.PRECISIONS,
+                   help="model precision (auto: bf16 where the device runs it well, else fp32; for SD3 "
+                   "a preset: auto keeps the VAE in fp32 as the reference)")
     p.add_argument("--device", default=None, help="torch device (default: first CUDA GPU, else CPU)")
     p.add_argument("--seed", type=int, default=42, help="seed for sampling backbones (default 42, as the reference)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -90,20 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     vlm = p.add_argument_group("VLM prompts (Qwen2.5-VL)")
     vlm.add_argument("--vlm", type=Path, help="a Qwen2.5-VL-Instruct folder: writes each step's prompt")
     vlm.add_argument("--vlm-adapter", type=Path, help="a PEFT LoRA folder for the VLM (optional)")
-    vlm.add_argument("--vlm-tokens", type=int, default=128, help="max new tokens per prompt (default 128)")
+    vlm.add_argument("--vlm-tokens", type=int, default=policy.VLM_TOKENS,
+                     help=f"max new tokens per prompt (default {policy.VLM_TOKENS}, as CoZ's current code; "
+                     "its first release used 128)")
     vlm.add_argument("--step-prompts", default=None,
                      help="without --vlm: prompts per step separated by '|' (the last repeats)")
     return p
 
 
-def build_prompt_source(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None):
+def build_prompt_source(args: argparse.Namespace, device: torch.device):
     """Qwen2.5-VL with --vlm, else fixed per-step texts (possibly none)."""
     if args.vlm is None:
-        return FixedPrompts(args.step_prompts.split("|") if args.step_prompts else "")
-    from .prompt.qwen import QwenPromptSource, load_qwen_vl
-
-    vlm = load_qwen_vl(args.vlm, adapter=args.vlm_adapter, dtype=dtype, device=device)
-    return QwenPromptSource(vlm, max_new_tokens=args.vlm_tokens, user_prompt=args.prompt)
+        return factory.fixed_prompt_source(args.step_prompts.split("|") if args.step_prompts else "")
+    return factory.vlm_prompt_source(args.vlm, device, args.precision, adapter=args.vlm_adapter,
+                                     max_new_tokens=args.vlm_tokens)
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
@@ -124,42 +125,18 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     return found
 
 
-def build_backbone(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None):
+def build_backbone(args: argparse.Namespace, device: torch.device):
     """The SR backbone the arguments ask for: CoZ SD3 with --sd3, else a Real-ESRGAN model."""
-    if args.sd3 is not None:
-        return build_sd3_backbone(args, device, dtype)
-    from .sr.realesrgan import EMBEDDED_MODELS, load_embedded, load_upscale_state_dict
-    from .sr.upscale import UpscaleModelBackbone
-
-    name = args.backbone
-    if name in EMBEDDED_MODELS:
-        return load_embedded(name, device=device, dtype=dtype)
-    if Path(name).is_file():
-        module = load_upscale_state_dict(name)
-        return UpscaleModelBackbone(module, module.scale, Path(name).stem, device=device, dtype=dtype)
-    raise ValueError(
-        f"--backbone {name!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) "
-        "nor an existing file"
-    )
-
-
-def build_sd3_backbone(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None):
-    from .sr.coz_sd3 import CoZSD3Backbone
-    from .sr.sd3_loading import SD3Precision
-
+    if args.sd3 is None:
+        return factory.upscale_backbone(args.backbone, device, args.precision)
     if args.coz_lora is None or args.coz_vae is None:
         print("coz-zoom: warning: without --coz-lora and --coz-vae this is plain SD3, not CoZ",
               file=sys.stderr)
-    if dtype is None:  # auto: the reference's text precision on GPUs; bf16 where fp16 is slow
-        precision = SD3Precision() if device.type == "cuda" else SD3Precision(text=torch.bfloat16)
-    else:
-        precision = SD3Precision(transformer=dtype, vae=dtype, text=dtype,
-                                 t5=torch.float32 if dtype == torch.float32 else torch.bfloat16)
     encoders = ("clip_l", "clip_g") if args.no_t5 else ("clip_l", "clip_g", "t5")
-    return CoZSD3Backbone.from_files(
-        args.sd3, args.coz_lora, args.coz_vae, clip_l=args.clip_l, clip_g=args.clip_g,
-        t5=None if args.no_t5 else args.t5, text_encoders=encoders, tokenizers=args.tokenizers,
-        precision=precision, device=device, latent_mode=args.latent,
+    return factory.sd3_backbone(
+        args.sd3, args.coz_lora, args.coz_vae, device, args.precision, clip_l=args.clip_l,
+        clip_g=args.clip_g, t5=args.t5, text_encoders=encoders, tokenizers=args.tokenizers,
+        latent_mode=args.latent,
     )
 
 
@@ -213,12 +190,12 @@ def main(argv: list[str] | None = None) -> int:
                          center=center, color=args.color, user_prompt=args.prompt, seed=args.seed)
     try:
         inputs = collect_inputs(args.inputs)
-        device = torch.device(args.device) if args.device else default_device()
+        device = policy.parse_device(args.device)
         backbone = None
         if config.mode in ("recursive_multiscale", "recursive", "onestep"):
-            backbone = build_backbone(args, device, parse_dtype(args.precision))
+            backbone = build_backbone(args, device)
         config.validate(backbone)
-        prompts = build_prompt_source(args, device, parse_dtype(args.precision))
+        prompts = build_prompt_source(args, device)
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"coz-zoom: {exc}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ host adapter (nodes/host.py) only supplies the device ComfyUI picked.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +25,14 @@ TILE_OVERLAP = 64
 
 # New tokens per VLM prompt: the chain's (upstream's current value; the first release used 128).
 VLM_TOKENS = 32
+
+# Whole-image upscaling (coz_core.upscale_image), in output pixels: SD3 tiles of upstream's 64
+# latent cells with 16 cells of overlap; other backbones larger image tiles with the upscale overlap.
+WHOLE_IMAGE_SD3_TILE, WHOLE_IMAGE_SD3_OVERLAP = 512, 128
+WHOLE_IMAGE_TILE, WHOLE_IMAGE_OVERLAP = 1024, TILE_OVERLAP
+# New tokens per tile prompt (upstream's inference_coz_full.py) and tile prompts per VLM batch.
+VLM_TILE_TOKENS = 16
+VLM_TILE_BATCH = 4
 
 
 # --- devices -------------------------------------------------------------------------------
@@ -115,19 +123,18 @@ SD3_PRESETS = PRECISIONS
 
 
 @dataclass(frozen=True)
-class SD3Dtypes:
-    """One dtype per SD3 component (storage and compute)."""
+class SD3Precision:
+    """Storage/compute dtypes per SD3 component."""
 
-    transformer: torch.dtype
-    vae: torch.dtype
-    text: torch.dtype  # CLIP-L and CLIP-G
-    t5: torch.dtype  # T5-XXL compute dtype (float16 overflows in T5-XXL)
+    transformer: torch.dtype = torch.bfloat16
+    vae: torch.dtype = torch.float32
+    text: torch.dtype = torch.float16  # CLIP-L / CLIP-G (the reference runs them in float16)
+    t5: torch.dtype = torch.bfloat16  # T5 compute dtype (float16 overflows in T5-XXL)
+    # keep T5's linear weights in float8 e4m3, upcast per layer; None: when the file stores float8
+    t5_fp8: bool | None = None
 
-    def with_(self, **changes) -> "SD3Dtypes":
-        return replace(self, **changes)
 
-
-def sd3_dtypes(preset: str, device: torch.device) -> SD3Dtypes:
+def sd3_precision(preset: str, device: torch.device) -> SD3Precision:
     """The SD3 component dtypes of ``preset`` on ``device``.
 
     ``auto``: transformer in :func:`auto_dtype`, VAE in float32 (as the reference), CLIPs in
@@ -139,9 +146,9 @@ def sd3_dtypes(preset: str, device: torch.device) -> SD3Dtypes:
         half = dtype if dtype != torch.float32 else torch.float32
         text = torch.float16 if device.type == "cuda" else half
         t5 = torch.bfloat16 if dtype != torch.float32 or device.type == "cuda" else torch.float32
-        return SD3Dtypes(transformer=dtype, vae=torch.float32, text=text, t5=t5)
+        return SD3Precision(transformer=dtype, vae=torch.float32, text=text, t5=t5)
     if preset not in DTYPES:
         raise ValueError(f"unknown SD3 precision preset {preset!r}; choose one of {', '.join(SD3_PRESETS)}")
     dtype = DTYPES[preset]
-    return SD3Dtypes(transformer=dtype, vae=dtype, text=dtype,
+    return SD3Precision(transformer=dtype, vae=dtype, text=dtype,
                      t5=torch.float32 if dtype == torch.float32 else torch.bfloat16)

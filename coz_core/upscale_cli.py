@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, policy
 from .cli import build_backbone, build_prompt_source, collect_inputs
 from .color import COLOR_METHODS
-from .device import default_device, parse_dtype
 from .imageops import _pil_to_array, save_image
-from .upscale_image import BLENDS, PROMPT_TOKENS, UpscaleConfig, UpscaleResult, count_units, upscale_image
+from .upscale_image import (
+    BLENDS, PROMPT_BATCH, PROMPT_TOKENS, UpscaleConfig, UpscaleResult, count_units, upscale_image,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedded Real-ESRGAN name (x4plus, x4plus_anime, animevideov3) or a "
                    "Real-ESRGAN .safetensors/.pth file (default x4plus)")
     p.add_argument("--prompt", default="", help="user prompt appended to every tile's prompt")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--precision", default="auto", choices=list(policy.PRECISIONS))
     p.add_argument("--device", default=None, help="torch device (default: first CUDA GPU, else CPU)")
     p.add_argument("--seed", type=int, default=42, help="seed of the latent sample (default 42)")
     p.add_argument("--memory-limit", type=float, default=None,
@@ -71,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     vlm.add_argument("--vlm-adapter", type=Path, help="a PEFT LoRA folder for the VLM (e.g. CoZ's GRPO adapter)")
     vlm.add_argument("--vlm-tokens", type=int, default=PROMPT_TOKENS,
                      help=f"max new tokens per tile prompt (default {PROMPT_TOKENS}, as upstream)")
-    vlm.add_argument("--vlm-batch", type=int, default=4,
-                     help="tile prompts the VLM writes at once (default 4; halved when memory runs out)")
+    vlm.add_argument("--vlm-batch", type=int, default=PROMPT_BATCH,
+                     help=f"tile prompts the VLM writes at once (default {PROMPT_BATCH}; halved when memory runs out)")
     vlm.add_argument("--tile-prompts", dest="step_prompts", default=None,
                      help="without --vlm: prompts per tile in raster order separated by '|' (the last repeats)")
     return p
@@ -124,12 +125,11 @@ def main(argv: list[str] | None = None) -> int:
                            blend=args.blend, user_prompt=args.prompt, seed=args.seed, memory_limit=limit)
     try:
         inputs = collect_inputs(args.inputs)
-        device = torch.device(args.device) if args.device else default_device()
-        dtype = parse_dtype(args.precision)
-        backbone = build_backbone(args, device, dtype)
+        device = policy.parse_device(args.device)
+        backbone = build_backbone(args, device)
         config = config.resolved(backbone)
         config.validate(backbone)  # before the (slow) VLM load
-        prompts = build_prompt_source(args, device, dtype)
+        prompts = build_prompt_source(args, device)
         if hasattr(prompts, "batch_size"):
             prompts.batch_size = max(1, args.vlm_batch)
     except (ValueError, FileNotFoundError, OSError) as exc:

@@ -42,6 +42,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import policy
 from .color import COLOR_METHODS, align_color
 from .imageops import resize
 from .prompt.base import FixedPrompts, PromptRequest, PromptSource, compose_prompt
@@ -50,9 +51,9 @@ from .tiling import _ramp, tile_starts
 
 BLENDS = ("cosine", "gaussian")
 CONTEXT_SIZE = 512  # short side of the zoom-out view the VLM sees (upstream)
-PROMPT_TOKENS = 16  # upstream's max_new_tokens for tile prompts
-SD3_TILE, SD3_OVERLAP = 512, 128  # output pixels: upstream's 64 / 16 latent cells
-OTHER_TILE, OTHER_OVERLAP = 1024, 64  # image-space tiles of other backbones (output pixels)
+PROMPT_TOKENS, PROMPT_BATCH = policy.VLM_TILE_TOKENS, policy.VLM_TILE_BATCH  # the faces set these on the VLM
+SD3_TILE, SD3_OVERLAP = policy.WHOLE_IMAGE_SD3_TILE, policy.WHOLE_IMAGE_SD3_OVERLAP
+OTHER_TILE, OTHER_OVERLAP = policy.WHOLE_IMAGE_TILE, policy.WHOLE_IMAGE_OVERLAP
 SD3_ENCODE_MARGIN = 64  # output pixels of context around a tile for the VAE encoder
 LANCZOS_REACH = 4  # input pixels Pillow's Lanczos reads beyond a box when enlarging (support 3)
 
@@ -384,7 +385,8 @@ class _Run:
             t0 = time.perf_counter()
             # the tile as the model gets it (a padded SD3 grid repeats the image's edge): all of one size
             views = torch.cat([enlarge(rgb, factor, r.tile.box) for r in group])
-            request = PromptRequest(context.expand(len(group), -1, -1, -1), views, group[0].tile.index + 1)
+            request = PromptRequest(context.expand(len(group), -1, -1, -1), views, group[0].tile.index + 1,
+                                    user_prompt=cfg.user_prompt)
             generated = list(self.source(request))
             if len(generated) != len(group):
                 raise RuntimeError(f"the prompt source wrote {len(generated)} prompts for {len(group)} tiles")

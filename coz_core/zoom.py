@@ -291,7 +291,8 @@ def run_chain(
             out, prompts = zoomed, []
         else:
             t = time.perf_counter()
-            request = PromptRequest(steps[-1].image, zoomed, k, multiscale=config.mode == "recursive_multiscale")
+            request = PromptRequest(steps[-1].image, zoomed, k, multiscale=config.mode == "recursive_multiscale",
+                                    user_prompt=config.user_prompt)
             generated = source(request)  # also for prompt-free backbones: the chain records it
             prompts = [compose_prompt(g, config.user_prompt) for g in generated]
             seconds["prompt"] = time.perf_counter() - t

@@ -15,6 +15,8 @@ from typing import Iterable
 
 import torch
 
+from ..coz_core import policy
+
 try:  # ComfyUI puts these on the import path; nothing else of the pack imports them
     import comfy.model_management as _mm
     import comfy.model_patcher as _patcher
@@ -110,24 +112,10 @@ def offload_device() -> torch.device:
     return _mm.unet_offload_device() if IN_COMFY else torch.device("cpu")
 
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
-
 def pick_dtype(precision: str = "auto", device: torch.device | None = None) -> torch.dtype:
-    """The weight dtype for ``precision``; "auto" asks the host what the device handles well."""
-    explicit = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if precision in explicit:
-        return explicit[precision]
-    if precision != "auto":
-        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
-    device = device or torch_device()
-    if IN_COMFY:
-        if _mm.should_use_bf16(device):
-            return torch.bfloat16
-        return torch.float16 if _mm.should_use_fp16(device) else torch.float32
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    """The weight dtype for ``precision`` on ``device`` (default: the compute device), by the pack's
+    one policy (coz_core.policy), the same inside ComfyUI and on the command line."""
+    return policy.resolve_dtype(precision, device or torch_device())
 
 
 # --- model management ----------------------------------------------------------------------

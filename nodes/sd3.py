@@ -7,10 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from ..coz_core.sr.coz_sd3 import CoZSD3Backbone
-from ..coz_core.sr.sd3_loading import SD3Precision
+from ..coz_core import factory, policy
 from . import host
 from .common import CATEGORY, SR_MODEL
 
@@ -63,31 +60,27 @@ class LoadCoZSD3:
                 "text_encoders": ("BOOLEAN", {"default": True, "tooltip":
                                               "Off: load no text encoder; give SR Step CONDITIONING from "
                                               "CLIPTextEncode instead of prompt text."}),
-                "precision": (list(host.PRECISIONS), {"default": "auto", "tooltip":
-                                                      "Transformer weights; auto: bf16/fp16 on GPUs, fp32 on the CPU. "
-                                                      "The VAE stays fp32 as in the reference."}),
+                "precision": (list(policy.SD3_PRESETS), {"default": "auto", "tooltip":
+                                                         "auto: transformer bf16 (fp16 on older GPUs, fp32 on CPUs "
+                                                         "without bf16), VAE fp32 as the reference, CLIPs fp16 on "
+                                                         "GPUs, T5 bf16. fp32 / bf16 / fp16: every part in that "
+                                                         "dtype (T5 never in fp16: it overflows)."}),
             },
         }
 
     def load(self, sd3, coz_lora, coz_vae_encoder, clip_l, clip_g, t5, use_t5, text_encoders, precision):
-        device = host.torch_device()
-        dtype = host.pick_dtype(precision, device)
-        on_cpu = device.type == "cpu"
-        text_dtype = torch.float32 if on_cpu else torch.float16
         text_parts = (("clip_l", "clip_g", "t5") if use_t5 else ("clip_l", "clip_g")) if text_encoders else ()
         files = {name: None if value == FROM_CHECKPOINT else host.resolve("text_encoders", value)
                  for name, value in (("clip_l", clip_l), ("clip_g", clip_g), ("t5", t5))}
         source = resolve_sd3(sd3)
-        backbone = CoZSD3Backbone.from_files(
+        backbone = factory.sd3_backbone(
             source,
             None if coz_lora == NONE else host.resolve("coz", coz_lora),
             None if coz_vae_encoder == NONE else host.resolve("coz", coz_vae_encoder),
-            **files, text_encoders=text_parts,
+            host.torch_device(), precision, **files, text_encoders=text_parts,
             # a single file has no tokenizers: the host's (a diffusers folder brings its own)
             tokenizers=None if source.is_dir() else host.host_tokenizers() or None,
-            precision=SD3Precision(transformer=dtype, vae=torch.float32, text=text_dtype,
-                                   t5=torch.float32 if on_cpu else torch.bfloat16),
-            device=host.offload_device(),
+            load_device=host.offload_device(),
         )
         modules = {"SD3 transformer": backbone.transformer, "SD3 VAE": backbone.vae}
         if backbone.text_encoder is not None:

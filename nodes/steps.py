@@ -90,7 +90,8 @@ class VLMPrompt:
         zoomed_t = image_in(zoomed)
         previous_t = fit_batch(image_in(previous), zoomed_t.shape[0], "previous")
         host.throw_if_cancelled()
-        generated = vlm(PromptRequest(previous_t, zoomed_t, int(step), multiscale=bool(multiscale)))
+        generated = vlm(PromptRequest(previous_t, zoomed_t, int(step), multiscale=bool(multiscale),
+                                      user_prompt=user_prompt))
         return (join_prompts([compose_prompt(g, user_prompt) for g in generated]),)
 
 

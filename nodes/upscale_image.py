@@ -8,7 +8,7 @@ import torch
 
 from ..coz_core.color import COLOR_METHODS
 from ..coz_core.prompt.base import FixedPrompts
-from ..coz_core.upscale_image import BLENDS, PROMPT_TOKENS, UpscaleConfig, is_sd3, upscale_image
+from ..coz_core.upscale_image import BLENDS, PROMPT_BATCH, PROMPT_TOKENS, UpscaleConfig, is_sd3, upscale_image
 from . import host
 from .common import CATEGORY, SR_MODEL, VLM, image_in
 
@@ -66,7 +66,7 @@ class UpscaleImage:
                 "prompt_tokens": ("INT", {"default": PROMPT_TOKENS, "min": 1, "max": 512, "tooltip":
                                           "New tokens per tile prompt from the VLM (upstream: 16); replaces the "
                                           "VLM loader's setting for this node only."}),
-                "prompt_batch": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip":
+                "prompt_batch": ("INT", {"default": PROMPT_BATCH, "min": 1, "max": 64, "tooltip":
                                          "Tile prompts the VLM writes at once (faster on a GPU; halved "
                                          "automatically when memory runs out)."}),
                 "tile_prompts": ("STRING", {"default": "", "multiline": True, "forceInput": True, "tooltip":
@@ -76,7 +76,7 @@ class UpscaleImage:
         }
 
     def upscale(self, image, sr_model, factor, tile, overlap, color, blend, user_prompt, seed,
-                vlm=None, prompt_tokens=PROMPT_TOKENS, prompt_batch=4, tile_prompts=None):
+                vlm=None, prompt_tokens=PROMPT_TOKENS, prompt_batch=PROMPT_BATCH, tile_prompts=None):
         config = UpscaleConfig(factor=int(factor), tile=int(tile) or None, overlap=int(overlap) or None,
                                color=color, blend=blend, user_prompt=user_prompt, seed=int(seed))
         source = vlm

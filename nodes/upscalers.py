@@ -1,12 +1,14 @@
 """Upscale-model backbones: the embedded Real-ESRGAN and ComfyUI's own UPSCALE_MODEL."""
 from __future__ import annotations
 
-from ..coz_core.sr.realesrgan import DEFAULT_MODEL, EMBEDDED_MODELS, ensure_converted, load_upscale_state_dict
-from ..coz_core.sr.upscale import UpscaleModelBackbone, torch_module_of
+import torch
+
+from ..coz_core import factory, policy
+from ..coz_core.sr.realesrgan import DEFAULT_MODEL, EMBEDDED_MODELS
 from . import host
 from .common import CATEGORY, SR_MODEL
 
-TILE = ("INT", {"default": 512, "min": 0, "max": 4096, "step": 16, "tooltip":
+TILE = ("INT", {"default": policy.TILE, "min": 0, "max": 4096, "step": 16, "tooltip":
                 "Largest input processed at once, in pixels per side (0 = never tile). Smaller saves memory."})
 
 
@@ -27,20 +29,17 @@ class LoadRealESRGAN:
         return {
             "required": {
                 "model": (names, {"default": DEFAULT_MODEL, "tooltip": tips}),
-                "precision": (list(host.PRECISIONS), {"default": "auto", "tooltip":
+                "precision": (list(policy.PRECISIONS), {"default": "auto", "tooltip":
                                                       "Weight precision; auto picks what the device runs well."}),
                 "tile": TILE,
             },
         }
 
     def load(self, model, precision, tile):
-        path = ensure_converted(model, host.folder_paths("upscale_models")[0])
-        module = load_upscale_state_dict(path)
-        device = host.offload_device()
-        dtype = host.pick_dtype(precision, host.torch_device())
-        backbone = UpscaleModelBackbone(module, module.scale, f"Real-ESRGAN {model}", tile=tile or None,
-                                        device=device, dtype=dtype)
-        return (host.Hosted(backbone, {f"Real-ESRGAN {model}": module}),)
+        backbone = factory.upscale_backbone(model, host.torch_device(), precision, tile=tile or None,
+                                            cache_dir=host.folder_paths("upscale_models")[0],
+                                            load_device=host.offload_device())
+        return (host.Hosted(backbone, {f"Real-ESRGAN {model}": backbone.weights}),)
 
 
 class UpscaleModelToSR:
@@ -63,14 +62,14 @@ class UpscaleModelToSR:
         }
 
     def adapt(self, upscale_model, tile):
-        module = torch_module_of(upscale_model)
-        if module is None:
+        # a spandrel ImageModelDescriptor: callable, its weights in .model, its factor in .scale
+        weights = getattr(upscale_model, "model", None)
+        if not callable(upscale_model) or not isinstance(weights, torch.nn.Module) or not hasattr(upscale_model, "scale"):
             raise TypeError(f"expected an UPSCALE_MODEL from Load Upscale Model, got {type(upscale_model).__name__}")
         # shared with other nodes (e.g. Upscale Image (using Model)): keep its dtype and layout, move
         # it to the compute device only while it runs, as ComfyUI's own upscale node does
-        backbone = UpscaleModelBackbone(upscale_model, None, None, tile=tile or None, device=host.torch_device(),
-                                        dtype=next(module.parameters()).dtype, channels_last=False, restore=True)
-        return (backbone,)
+        return (factory.module_backbone(upscale_model, weights, upscale_model.scale, host.torch_device(),
+                                        tile=tile or None),)
 
 
 NODE_CLASS_MAPPINGS = {"CoZLoadRealESRGAN": LoadRealESRGAN, "CoZUpscaleModelToSR": UpscaleModelToSR}

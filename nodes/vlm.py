@@ -5,7 +5,7 @@ GPU for each prompt and offloads it when the SR model needs the room.
 """
 from __future__ import annotations
 
-from ..coz_core.prompt.qwen import QwenPromptSource, load_qwen_vl
+from ..coz_core import factory, policy
 from . import host
 from .common import CATEGORY, VLM
 
@@ -31,18 +31,20 @@ class LoadVLM:
                 "model": (folders, {"tooltip": "A Qwen2.5-VL folder in models/LLM."}),
                 "adapter": ([NONE] + sorted(adapters), {"tooltip":
                                                         "A PEFT LoRA adapter folder in models/LLM, merged into the model."}),
-                "precision": (list(host.PRECISIONS), {"default": "auto", "tooltip":
+                "precision": (list(policy.PRECISIONS), {"default": "auto", "tooltip":
                                                       "Weights; auto: bf16/fp16 on GPUs, fp32 on the CPU."}),
-                "max_new_tokens": ("INT", {"default": 128, "min": 8, "max": 1024, "tooltip":
-                                           "Longest answer (the reference: 128 tokens)."}),
+                "max_new_tokens": ("INT", {"default": policy.VLM_TOKENS, "min": 8, "max": 1024, "tooltip":
+                                           "Longest answer in tokens (CoZ's current code: 32; its first "
+                                           "release: 128). Longer answers cost time on every step."}),
             },
         }
 
     def load(self, model, adapter, precision, max_new_tokens):
-        vl = load_qwen_vl(host.resolve("LLM", model), None if adapter == NONE else host.resolve("LLM", adapter),
-                          dtype=host.pick_dtype(precision, host.torch_device()), device=host.offload_device())
-        source = QwenPromptSource(vl, max_new_tokens=int(max_new_tokens))
-        return (host.Hosted(source, {"Qwen2.5-VL": vl.model}),)
+        source = factory.vlm_prompt_source(
+            host.resolve("LLM", model), host.torch_device(), precision,
+            adapter=None if adapter == NONE else host.resolve("LLM", adapter),
+            max_new_tokens=int(max_new_tokens), load_device=host.offload_device())
+        return (host.Hosted(source, {"Qwen2.5-VL": source.vlm.model}),)
 
 
 NODE_CLASS_MAPPINGS = {"CoZLoadVLM": LoadVLM}

@@ -69,7 +69,9 @@ load_pack()
 from coz_pack.nodes import host
 assert host.IN_COMFY
 assert {"coz", "LLM"} <= set(folder_paths.folder_names_and_paths)
-assert host.torch_device() == mm.get_torch_device() and host.pick_dtype("auto") == torch.float32  # --cpu
+from coz_pack.coz_core import policy
+assert host.torch_device() == mm.get_torch_device()  # --cpu
+assert host.pick_dtype("auto") == policy.auto_dtype(torch.device("cpu"))  # one policy with the CLI
 from transformers import AutoTokenizer, CLIPTokenizer
 tok = host.host_tokenizers()
 assert CLIPTokenizer.from_pretrained(str(tok["clip_g"]))("a cat").input_ids[0] == 49406

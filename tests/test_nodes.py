@@ -12,6 +12,7 @@ from coz_pack.coz_core.color import align_color  # noqa: E402
 from coz_pack.coz_core.imageops import resize  # noqa: E402
 from coz_pack.coz_core.prompt.base import FixedPrompts  # noqa: E402
 from coz_pack.coz_core.zoom import ChainConfig, run_chain  # noqa: E402
+from coz_pack.coz_core import policy  # noqa: E402
 from coz_pack.nodes import host  # noqa: E402
 
 NODES = pack.NODE_CLASS_MAPPINGS
@@ -192,7 +193,8 @@ def test_host_fallbacks(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="coz"):
         host.resolve("coz", "missing.pt")
     assert host.pick_dtype("bf16") == torch.bfloat16
-    assert host.pick_dtype("auto", torch.device("cpu")) == torch.float32
+    # one policy: the nodes' auto is the CLI's auto
+    assert host.pick_dtype("auto", torch.device("cpu")) == policy.auto_dtype(torch.device("cpu"))
     with pytest.raises(ValueError):
         host.pick_dtype("fp8")
     layer = torch.nn.Linear(2, 2)

@@ -176,7 +176,7 @@ class TinyConvSR:
 @pytest.mark.parametrize("mode", ["recursive_multiscale", "recursive"])
 def test_chain_runs_with_the_tiny_vlm_as_prompt_source(vlm, mode):
     user = "highly detailed"
-    source = QwenPromptSource(vlm, max_new_tokens=10, user_prompt=user)
+    source = QwenPromptSource(vlm, max_new_tokens=10)  # the chain hands it the user prompt
     backbone = TinyConvSR()
     config = ChainConfig(mode=mode, steps=2, zoom=2.0, size=(56, 56), user_prompt=user)
     result = run_chain(_images(2, 80, 6), backbone, config, source)

@@ -17,7 +17,8 @@ from coz_core.sr.base import SRBackbone, SRRequest
 from coz_core.sr.realesrgan import (FORMAT, convert, default_cache_dir, ensure_converted, load_embedded,
                                     load_upscale_state_dict, model_spec)
 from coz_core.sr.rrdbnet import RRDBNet, SRVGGNetCompact, UnsupportedArchitecture
-from coz_core.sr.upscale import UpscaleModelBackbone, auto_dtype
+from coz_core.policy import auto_dtype
+from coz_core.sr.upscale import UpscaleModelBackbone
 from coz_core.zoom import ChainConfig, run_chain
 
 
@@ -212,17 +213,18 @@ def test_duck_typed_model_and_resize(compact):
         def __call__(self, image):
             return self.model(image)
 
-    backbone = UpscaleModelBackbone(Descriptor(compact), restore=True)
-    assert backbone.dtype == torch.float32 == auto_dtype(torch.device("cpu"), backbone.module)
+    backbone = UpscaleModelBackbone(Descriptor(compact), restore=True, weights=compact)
+    assert backbone.dtype == torch.float32 == auto_dtype(torch.device("cpu"), bf16_ok=False)
     assert backbone.device == torch.device("cpu") and backbone.name == "Descriptor x4"
     region = torch.rand(1, 3, 32, 32)
     out = backbone(SRRequest(region, torch.zeros(1, 3, 64, 64)))  # zoom 2 with a x4 model
     assert out.shape == (1, 3, 64, 64)
     assert torch.allclose(out, resize(backbone.upscale(region), (64, 64)).clamp(0, 1))
     # restore=True leaves the shared model as it was
-    bf16 = UpscaleModelBackbone(Descriptor(compact), dtype=torch.bfloat16, restore=True)
+    bf16 = UpscaleModelBackbone(Descriptor(compact), dtype=torch.bfloat16, restore=True, weights=compact)
     bf16.upscale(region)
     assert next(compact.parameters()).dtype == torch.float32
+    assert bf16.dtype == torch.bfloat16
 
 
 def test_bare_function_with_a_scale():

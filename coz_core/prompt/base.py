@@ -13,6 +13,7 @@ class PromptRequest:
     zoomed: torch.Tensor  # [B, 3, H, W] float 0..1: the zoomed input of step k
     step: int  # k, 1-based
     multiscale: bool = True  # True: look at both images (recursive_multiscale); False: zoomed only
+    user_prompt: str = ""  # the user's text the chain appends (a source may leave room for it)
 
     @property
     def batch(self) -> int:

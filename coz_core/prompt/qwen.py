@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..policy import VLM_TOKENS
 from .base import PromptRequest
 from .clean import CLIP_TOKENS, clean_prompt
 from .vision import pixel_limits, prepare_images
@@ -35,7 +36,7 @@ MULTISCALE_SYSTEM = (
     "second image? Give me a set of words."
 )
 SINGLE_SYSTEM = "What is in this image? Give me a set of words."
-MAX_NEW_TOKENS = 128
+MAX_NEW_TOKENS = VLM_TOKENS
 IMAGE_TOKEN = "<|image_pad|>"
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
@@ -324,7 +325,7 @@ class QwenPromptSource:
     ``sample``: sample instead of decoding greedily; with a ``seed`` step k uses seed + k and is
     reproducible (``seed=None``: fresh randomness).
     ``clean``: turn the answer into a tag-like prompt within ``token_budget`` CLIP tokens, leaving
-    room for ``user_prompt`` (the text the chain appends); ``clean=False`` keeps the reference's raw
+    room for the request's ``user_prompt`` (the text the chain appends); ``clean=False`` keeps the reference's raw
     answer (stripped). ``count_tokens``: the SR text encoder's token counter, when available.
     """
 
@@ -338,7 +339,6 @@ class QwenPromptSource:
     repetition_penalty: float | None = None  # None: the model folder's
     clean: bool = True
     token_budget: int = CLIP_TOKENS
-    user_prompt: str = ""
     count_tokens: Callable[[str], int] | None = None
     records: list[PromptRecord] = field(default_factory=list)
     # greedy prompts of a batch run this many at a time on the VLM (halved on out-of-memory)
@@ -362,21 +362,22 @@ class QwenPromptSource:
         seeded = self.sample and self.seed is not None
         devices = [self.vlm.device] if self.vlm.device.type == "cuda" else []
         if self.batch_size > 1 and not self.sample and len(chats) > 1:
-            return self._batched(request.step, chats)
+            return self._batched(request.step, chats, request.user_prompt)
         with torch.random.fork_rng(devices=devices, enabled=seeded):
             if seeded:
                 torch.manual_seed(self.seed + request.step)
-            return [self._one(request.step, i, images, system) for i, (images, system) in enumerate(chats)]
+            return [self._one(request.step, i, images, system, request.user_prompt)
+                    for i, (images, system) in enumerate(chats)]
 
-    def _finish(self, step: int, index: int, raw: str, new_tokens: int, seconds: float) -> str:
+    def _finish(self, step: int, index: int, raw: str, new_tokens: int, seconds: float, user_prompt: str) -> str:
         if self.clean:
-            prompt = clean_prompt(raw, self.token_budget, self.user_prompt, self.count_tokens)
+            prompt = clean_prompt(raw, self.token_budget, user_prompt, self.count_tokens)
         else:
             prompt = raw.strip()
         self.records.append(PromptRecord(step, index, raw, prompt, new_tokens, seconds))
         return prompt
 
-    def _batched(self, step: int, chats: list[tuple[list[np.ndarray], str]]) -> list[str]:
+    def _batched(self, step: int, chats: list[tuple[list[np.ndarray], str]], user_prompt: str) -> list[str]:
         prompts: list[str] = []
         while len(prompts) < len(chats):
             start = len(prompts)
@@ -391,13 +392,13 @@ class QwenPromptSource:
                 self.batch_size //= 2  # memory does not allow this batch: halve it and retry
                 continue
             seconds = (time.perf_counter() - t0) / len(group)
-            prompts += [self._finish(step, start + i, raw, n, seconds) for i, (raw, n) in enumerate(answers)]
+            prompts += [self._finish(step, start + i, raw, n, seconds, user_prompt) for i, (raw, n) in enumerate(answers)]
         return prompts
 
-    def _one(self, step: int, index: int, images: list[np.ndarray], system: str) -> str:
+    def _one(self, step: int, index: int, images: list[np.ndarray], system: str, user_prompt: str) -> str:
         start = time.perf_counter()
         raw, new_tokens = self.vlm.generate(
             self.vlm.inputs(images, system), self.max_new_tokens, self.sample, self.temperature,
             self.top_p, self.top_k, self.repetition_penalty,
         )
-        return self._finish(step, index, raw, new_tokens, time.perf_counter() - start)
+        return self._finish(step, index, raw, new_tokens, time.perf_counter() - start, user_prompt)

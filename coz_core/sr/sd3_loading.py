@@ -27,6 +27,7 @@ from diffusers.loaders.single_file_utils import (
 )
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from ..policy import SD3Precision
 from ..checkpoints import CheckpointError, describe_mismatch, is_safetensors, read_safetensors, safetensors_keys
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "sd3_medium"
@@ -44,18 +45,6 @@ SUBFOLDER = {"transformer": "transformer", "vae": "vae", "clip_l": "text_encoder
 TOKENIZER_SUBFOLDER = {"clip_l": "tokenizer", "clip_g": "tokenizer_2", "t5": "tokenizer_3"}
 FP8 = torch.float8_e4m3fn
 _IGNORED_EXTRA = {"logit_scale", "text_model.embeddings.position_ids"}  # harmless extras in CLIP files
-
-
-@dataclass
-class SD3Precision:
-    """Storage/compute dtypes per component."""
-
-    transformer: torch.dtype = torch.bfloat16
-    vae: torch.dtype = torch.float32
-    text: torch.dtype = torch.float16  # CLIP-L / CLIP-G (the reference runs them in float16)
-    t5: torch.dtype = torch.bfloat16  # T5 compute dtype (float16 overflows in T5-XXL)
-    # keep T5's linear weights in float8 e4m3, upcast per layer; None: when the file stores float8
-    t5_fp8: bool | None = None
 
 
 @dataclass

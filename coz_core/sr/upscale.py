@@ -13,43 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import policy
 from ..imageops import resize
 from .base import SRRequest
-
-
-def torch_module_of(model: Any) -> nn.Module | None:
-    """The nn.Module holding the weights: the object itself or its ``.model`` (spandrel descriptors)."""
-    if isinstance(model, nn.Module):
-        return model
-    inner = getattr(model, "model", None)
-    return inner if isinstance(inner, nn.Module) else None
 
 
 def _placement(module: nn.Module | None) -> tuple[torch.device, torch.dtype]:
     for tensor in (module.parameters() if module is not None else ()):
         return tensor.device, tensor.dtype
     return torch.device("cpu"), torch.float32
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def auto_dtype(device: torch.device, model: Any = None) -> torch.dtype:
-    """float16 on CUDA (bfloat16 if the model refuses half), bfloat16 on CPUs with native support,
-    else float32. Honours spandrel's ``supports_half`` / ``supports_bfloat16`` flags."""
-    half = getattr(model, "supports_half", True)
-    bf16 = getattr(model, "supports_bfloat16", True)
-    if device.type == "cuda":
-        if half:
-            return torch.float16
-        return torch.bfloat16 if bf16 and torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu" and bf16 and _cpu_has_bf16():
-        return torch.bfloat16
-    return torch.float32
 
 
 def _spans(length: int, parts: int) -> list[tuple[int, int]]:
@@ -60,9 +32,9 @@ def _spans(length: int, parts: int) -> list[tuple[int, int]]:
 class UpscaleModelBackbone:
     """SR backbone around a callable upscale model ([B, 3, h, w] -> [B, 3, h*scale, w*scale]).
 
-    ``module``: an ``nn.Module`` or anything callable with a ``scale`` (e.g. the spandrel
-    ImageModelDescriptor of ComfyUI's Load Upscale Model). It runs on ``device`` (default: where
-    its weights are) in ``dtype`` (default: :func:`auto_dtype`). The weights are moved and cast
+    ``module``: an ``nn.Module`` or anything callable with a ``scale``. It runs on ``device``
+    (default: where its weights are) in ``dtype`` (default: the policy's ``auto``, see
+    :func:`coz_core.policy.auto_dtype`). The weights are moved and cast
     in place once; with ``restore=True`` they are instead moved for each call and put back
     afterwards (for a model shared with other code, such as ComfyUI's UPSCALE_MODEL).
     ``tile``: inputs wider or taller than ``tile``, or above ``tile * tile`` pixels with the
@@ -77,9 +49,9 @@ class UpscaleModelBackbone:
     uses_prompt = False
 
     def __init__(self, module: Any, scale: int | None = None, name: str | None = None,
-                 tile: int | None = 256, overlap: int = 64, dtype: torch.dtype | None = None,
+                 tile: int | None = policy.TILE, overlap: int = policy.TILE_OVERLAP, dtype: torch.dtype | None = None,
                  device: str | torch.device | None = None, channels_last: bool = True,
-                 restore: bool = False):
+                 restore: bool = False, weights: nn.Module | None = None):
         scale = scale if scale is not None else getattr(module, "scale", None)
         if not callable(module) or scale is None:
             raise TypeError(
@@ -93,6 +65,8 @@ class UpscaleModelBackbone:
         if overlap < 0:
             raise ValueError(f"overlap must not be negative, got {overlap}")
         self.module = module
+        # the nn.Module holding the weights (moved and cast); the callable itself when it is one
+        self.weights = weights if weights is not None else module if isinstance(module, nn.Module) else None
         self.scale = int(scale)
         self.name = name or f"{type(module).__name__} x{self.scale}"
         self.tile = tile
@@ -102,17 +76,19 @@ class UpscaleModelBackbone:
         self.to(device, dtype)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "UpscaleModelBackbone":
-        """Run on ``device`` (default: where the weights are) in ``dtype`` (default: :func:`auto_dtype`)."""
-        weights = torch_module_of(self.module)
+        """Run on ``device`` (default: where the weights are) in ``dtype`` (default: the policy's auto)."""
+        weights = self.weights
         self.device = torch.device(device) if device is not None else _placement(weights)[0]
         # a model whose weights cannot be seen (a bare function) gets float32 images
-        self.dtype = dtype or (auto_dtype(self.device, self.module) if weights is not None else torch.float32)
+        self.dtype = dtype or (policy.auto_dtype(self.device, getattr(self.module, "supports_half", True),
+                                                  getattr(self.module, "supports_bfloat16", True))
+                               if weights is not None else torch.float32)
         if not self.restore:
             self._place(self.device, self.dtype, self.channels_last)
         return self
 
     def _place(self, device: torch.device, dtype: torch.dtype, channels_last: bool) -> None:
-        weights = torch_module_of(self.module)
+        weights = self.weights
         if weights is not None:
             layout = torch.channels_last if channels_last else torch.contiguous_format
             weights.to(device=device, dtype=dtype, memory_format=layout).eval()
@@ -126,7 +102,7 @@ class UpscaleModelBackbone:
     @torch.no_grad()  # not inference_mode: callers may modify the result in place
     def upscale(self, image: torch.Tensor) -> torch.Tensor:
         """[B, 3, h, w] float 0..1 -> [B, 3, h*scale, w*scale] float32 on the input's device."""
-        original = _placement(torch_module_of(self.module)) if self.restore else None
+        original = _placement(self.weights) if self.restore else None
         if original is not None:
             self._place(self.device, self.dtype, self.channels_last)
         try:
