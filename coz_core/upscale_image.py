@@ -337,7 +337,7 @@ def _check_input(image: torch.Tensor) -> torch.Tensor:
     image = image.float()
     if not torch.isfinite(image).all():
         raise ValueError("the image contains NaN or infinite values")
-    return image.clamp(0, 1)
+    return image if 0 <= float(image.min()) and float(image.max()) <= 1 else image.clamp(0, 1)  # no copy if in range
 
 
 class _Run:

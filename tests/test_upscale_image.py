@@ -193,12 +193,14 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
 
 def test_memory_is_the_output_plus_one_tile():
-    """Peak RSS beyond the output stays flat when the image grows 4x in area."""
-    extra = []
-    for side in (256, 512):
+    """Peak RSS beyond the output stays nearly flat when the image grows 9x in area (what grows is
+    input-sized: 1/16 of the output)."""
+    extra, outputs = [], []
+    for side in (256, 768):
         out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(side)], capture_output=True, text=True,
                              check=True, cwd=Path(__file__).resolve().parent.parent)
         grown, output = map(int, out.stdout.split())
         extra.append(grown - output)
-    # the output grows from 12 MB to 48 MB; the rest (about 30 MB here) may not grow by more than 8 MB
-    assert extra[1] - extra[0] < 8 * 2**20, extra
+        outputs.append(output)
+    # the output grows by 101 MB (12 -> 113 MB); the rest (~30 MB here, allocator noise ~8 MB) by far less
+    assert extra[1] - extra[0] < 0.25 * (outputs[1] - outputs[0]), (extra, outputs)
