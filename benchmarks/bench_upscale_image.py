@@ -69,24 +69,24 @@ def one(kind: str, side: int, model: str) -> dict:
             "output": result.image.numel() * 4}
 
 
-def gpu_rows(backbone, device: torch.device) -> list[tuple[str, str]]:
-    """512 -> 2048 with a (full-size) CoZ SD3 backbone on ``device``: upstream's tiles, fixed prompts."""
+def gpu_rows(backbone, device: torch.device, side: int = 512) -> list[tuple[str, str]]:
+    """``side`` -> 4 x ``side`` (default 512 -> 2048) with a (full-size) CoZ SD3 backbone on ``device``:
+    upstream's tiles (512 output pixels, overlap 128), fixed prompts, wavelet colour fix."""
     config = UpscaleConfig(factor=4, tile=512, overlap=128)
-    upscale_image(photo(128), backbone, config, PROMPTS)  # warm up (one tile)
+    upscale_image(photo(max(side // 4, 16)), backbone, config, PROMPTS)  # warm up
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    result = upscale_image(photo(512), backbone, config, PROMPTS)
+    result = upscale_image(photo(side), backbone, config, PROMPTS)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    tiles = len(result.tiles)
-    rows = [("whole image x4 512->2048: tiles", str(tiles)),
-            ("whole image x4 512->2048: time", f"{seconds:.2f} s ({1000 * seconds / tiles:.0f} ms per tile)")]
+    tiles, label = len(result.tiles), f"whole image x4 {side}->{4 * side}"
+    rows = [(f"{label}: tiles", str(tiles)),
+            (f"{label}: time", f"{seconds:.2f} s ({1000 * seconds / tiles:.0f} ms per tile)")]
     if device.type == "cuda":
-        rows.append(("whole image x4 512->2048: peak GPU memory",
-                     f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"))
+        rows.append((f"{label}: peak GPU memory", f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"))
     return rows
 
 
