@@ -26,6 +26,14 @@ TILE_OVERLAP = 64
 # New tokens per VLM prompt: the chain's (upstream's current value; the first release used 128).
 VLM_TOKENS = 32
 
+# Whole-image upscaling (coz_core.upscale_image), in output pixels: SD3 tiles of upstream's 64
+# latent cells with 16 cells of overlap; other backbones larger image tiles with the upscale overlap.
+WHOLE_IMAGE_SD3_TILE, WHOLE_IMAGE_SD3_OVERLAP = 512, 128
+WHOLE_IMAGE_TILE, WHOLE_IMAGE_OVERLAP = 1024, TILE_OVERLAP
+# New tokens per tile prompt (upstream's inference_coz_full.py) and tile prompts per VLM batch.
+VLM_TILE_TOKENS = 16
+VLM_TILE_BATCH = 4
+
 
 # --- devices -------------------------------------------------------------------------------
 

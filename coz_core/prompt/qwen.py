@@ -217,6 +217,47 @@ class QwenVL:
         return text, int(new.numel())
 
 
+    @torch.inference_mode()
+    def generate_batch(
+        self,
+        inputs: list[dict[str, torch.Tensor]],
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        repetition_penalty: float | None = None,
+    ) -> list[tuple[str, int]]:
+        """Greedy :meth:`generate` of several chats in one batch (left-padded): [(answer, new tokens)]."""
+        if len(inputs) == 1:
+            return [self.generate(inputs[0], max_new_tokens, repetition_penalty=repetition_penalty)]
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            raise ValueError(f"the tokenizer of {self.folder} has no pad token; prompts cannot be batched")
+        length = max(x["input_ids"].shape[1] for x in inputs)
+
+        def left(t: torch.Tensor, value: int) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (length - t.shape[1], 0), value=value)
+
+        batch = {"input_ids": torch.cat([left(x["input_ids"], pad) for x in inputs]),
+                 "attention_mask": torch.cat([left(x["attention_mask"], 0) for x in inputs]),
+                 "pixel_values": torch.cat([x["pixel_values"] for x in inputs]),
+                 "image_grid_thw": torch.cat([x["image_grid_thw"] for x in inputs])}
+        if "mm_token_type_ids" in inputs[0]:
+            batch["mm_token_type_ids"] = torch.cat([left(x["mm_token_type_ids"], 0) for x in inputs])
+        device = self.device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        penalty = self.repetition_penalty if repetition_penalty is None else repetition_penalty
+        output = self.model.generate(**batch, max_new_tokens=int(max_new_tokens), do_sample=False,
+                                     repetition_penalty=penalty, pad_token_id=pad)
+        results = []
+        eos = self.model.generation_config.eos_token_id
+        stops = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        for row in output[:, length:]:
+            ids = row.tolist()
+            end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+            text = self.tokenizer.decode(row[:end], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            results.append((text, min(end + 1, len(ids))))
+        return results
+
+
 def _static_cache_sizing() -> bool:
     """Whether generate() sizes static caches across calls (GenerationConfig.max_cache_len)."""
     from transformers import GenerationConfig
@@ -375,6 +416,8 @@ class QwenPromptSource:
     token_budget: int = CLIP_TOKENS
     count_tokens: Callable[[str], int] | None = None
     records: list[PromptRecord] = field(default_factory=list)
+    # greedy prompts of a batch run this many at a time on the VLM (halved on out-of-memory)
+    batch_size: int = 1
 
     @property
     def info(self) -> dict:
@@ -401,11 +444,39 @@ class QwenPromptSource:
         # a seeded sample draws from its own generator state and leaves the global one as it was
         seeded = self.sample and self.seed is not None
         devices = [self.vlm.device] if self.vlm.device.type == "cuda" else []
+        if self.batch_size > 1 and not self.sample and len(chats) > 1:
+            return self._batched(request.step, chats, request.user_prompt)
         with torch.random.fork_rng(devices=devices, enabled=seeded):
             if seeded:
                 torch.manual_seed(self.seed + request.step)
             return [self._one(request.step, i, images, system, request.user_prompt)
                     for i, (images, system) in enumerate(chats)]
+
+    def _finish(self, step: int, index: int, raw: str, new_tokens: int, seconds: float, user_prompt: str) -> str:
+        if self.clean:
+            prompt = clean_prompt(raw, self.token_budget, user_prompt, self.count_tokens)
+        else:
+            prompt = raw.strip()
+        self.records.append(PromptRecord(step, index, raw, prompt, new_tokens, seconds))
+        return prompt
+
+    def _batched(self, step: int, chats: list[tuple[list[np.ndarray], str]], user_prompt: str) -> list[str]:
+        prompts: list[str] = []
+        while len(prompts) < len(chats):
+            start = len(prompts)
+            group = chats[start:start + self.batch_size]
+            t0 = time.perf_counter()
+            try:
+                answers = self.vlm.generate_batch([self.vlm.inputs(images, system) for images, system in group],
+                                                  self.max_new_tokens, self.repetition_penalty)
+            except torch.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                self.batch_size //= 2  # memory does not allow this batch: halve it and retry
+                continue
+            seconds = (time.perf_counter() - t0) / len(group)
+            prompts += [self._finish(step, start + i, raw, n, seconds, user_prompt) for i, (raw, n) in enumerate(answers)]
+        return prompts
 
     def _one(self, step: int, index: int, images: list[np.ndarray], system: str, user_prompt: str) -> str:
         start = time.perf_counter()
@@ -413,9 +484,4 @@ class QwenPromptSource:
             self.vlm.inputs(images, system), self.max_new_tokens, self.sample, self.temperature,
             self.top_p, self.top_k, self.repetition_penalty,
         )
-        if self.clean:
-            prompt = clean_prompt(raw, self.token_budget, user_prompt, self.count_tokens)
-        else:
-            prompt = raw.strip()
-        self.records.append(PromptRecord(step, index, raw, prompt, new_tokens, time.perf_counter() - start))
-        return prompt
+        return self._finish(step, index, raw, new_tokens, time.perf_counter() - start, user_prompt)

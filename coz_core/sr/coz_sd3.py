@@ -197,8 +197,12 @@ class CoZSD3Backbone:
             cond = SD3Conditioning.from_comfy(cond)
         return cond.expand(request.batch)
 
-    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Latent of ``x`` [1, 3, H, W] in [-1, 1]: (sample or mean) * scaling_factor, no shift."""
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent of ``x`` [1, 3, H, W] in [-1, 1]: (sample or mean) * scaling_factor, no shift.
+
+        ``noise`` (the latent's shape): the standard normal draw of the sample, instead of one from
+        ``generator`` (whole-image tiles share one noise field where they overlap)."""
         vae = self.vae
         dtype, device = next(vae.parameters()).dtype, next(vae.parameters()).device
 
@@ -210,8 +214,11 @@ class CoZSD3Backbone:
         if self.latent_mode == "mean":
             z = mean
         else:
-            noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32,
-                                device=generator.device if generator is not None else mean.device)
+            if noise is None:
+                noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32,
+                                    device=generator.device if generator is not None else mean.device)
+            elif noise.shape != mean.shape:
+                raise ValueError(f"noise {tuple(noise.shape)} does not match the latent {tuple(mean.shape)}")
             z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise.to(mean.device)
         return z * vae.config.scaling_factor
 

@@ -1,0 +1,37 @@
+"""coz-upscale: files written whole, manifest, clear errors with nothing written."""
+import json
+
+import torch
+
+import coz_core.upscale_cli as cli
+from coz_core.imageops import load_image, resize, save_image
+from coz_core.sr.upscale import UpscaleModelBackbone
+
+
+def small_backbone(*_):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.Upsample(scale_factor=2)).eval()
+    return UpscaleModelBackbone(model, 2, name="small", tile=None, dtype=torch.float32, device="cpu")
+
+
+def test_cli_writes_image_prompts_and_manifest(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "build_backbone", small_backbone)
+    src = tmp_path / "in.png"
+    save_image(resize(load_image(cli.collect_inputs([])[0]), (40, 56), "lanczos").clamp(0, 1), src)
+    assert cli.main([str(src), "-o", str(tmp_path / "out"), "--factor", "2", "--tile", "64", "--overlap", "16",
+                     "--tile-prompts", "sky|suit", "--prompt", "photo", "--quiet"]) == 0
+    folder = tmp_path / "out" / "in"
+    assert load_image(folder / "in_x2.png").shape == (1, 3, 80, 112)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["passes"][0]["grid"] == [2, 2] and len(manifest["tiles"]) == 4
+    assert [t["prompt"] for t in manifest["tiles"]] == ["sky, photo,"] + ["suit, photo,"] * 3
+    assert manifest["tiles"][0]["seconds"]["model"] > 0 and manifest["config"]["factor"] == 2
+    assert not list(folder.glob(".*partial*"))
+
+
+def test_cli_refuses_bad_factor_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "build_backbone", small_backbone)
+    assert cli.main(["-o", str(tmp_path / "out"), "--factor", "3", "--quiet"]) == 2
+    assert "x4 and x2 passes" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert cli.main(["-o", str(tmp_path / "out"), "--factor", "16", "--memory-limit", "0.001", "--quiet"]) == 1
+    assert "GB" in capsys.readouterr().err and not list((tmp_path / "out").rglob("*.png"))
