@@ -2,12 +2,17 @@
 
 Writes, per input image, into ``OUT/<name>/``: every scale (``scale_0.png`` ...), the zoomed SR
 inputs (``zoomed_1.png`` ...), a side-by-side ``strip.png`` with the next zoom box drawn on each
-scale, ``prompts.txt`` and ``manifest.json`` (settings, crop boxes, timings, versions).
+scale, ``prompts.txt`` and ``manifest.json`` (settings, crop boxes, timings, device, precision,
+backbone, versions). Folder names and atomic writing: :mod:`coz_core.output`.
+
+Every argument is checked before a model loads: settings, device, inputs and the output folder.
+Transparent inputs are composited on white (recorded in the manifest).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -19,9 +24,10 @@ import torch
 from . import __version__
 from .color import COLOR_METHODS
 from . import factory, policy
-from .imageops import IMAGE_SUFFIXES, load_image, resize, save_image
+from .imageops import IMAGE_SUFFIXES, ImageTooLarge, LoadedImage, read_image, resize, save_image
+from .output import OutputError, check_output, folder_names, write_atomically
 from .prompt.base import FixedPrompts
-from .zoom import MODES, ChainConfig, ChainResult, ZoomStep, run_chain
+from .zoom import MAX_MAGNIFICATION_LOG2, MODES, Box, ChainConfig, ChainResult, ZoomStep, run_chain
 
 
 # Where the chain zooms on the sample when no --center is given: the mission patch on the suit.
@@ -46,6 +52,22 @@ def _pair(text: str, kind: type, name: str) -> tuple:
     return values
 
 
+def _center(text: str) -> tuple[float, float]:
+    parts = [p for p in text.replace(" ", "").split(",")]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--center takes two numbers x,y in 0..1 such as 0.34,0.75, got {text!r}")
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"--center takes both x and y (e.g. {text},0.5), got {text!r}")
+    return values
+
+
+MODE_HELP = ("recursive_multiscale: CoZ, each step's prompt sees the previous scale and the zoomed "
+             "input (default); recursive: prompts from the zoomed input only; onestep: one SR step "
+             "on the crop of scale 0 (the paper's baseline); bicubic, nearest: no model")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="coz-zoom",
@@ -54,16 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_FOLDER", help="images or folders of images")
     p.add_argument("-o", "--output", required=True, type=Path, help="output folder")
-    p.add_argument("--steps", type=int, default=4, help="zoom steps (default 4: 256x at zoom 4)")
-    p.add_argument("--zoom", type=float, default=4.0, help="magnification per step (default 4)")
+    p.add_argument("--steps", type=int, default=4,
+                   help="zoom steps, 1 to 64 with zoom ^ steps at most 2^%d (default 4: 256x at zoom 4)"
+                   % MAX_MAGNIFICATION_LOG2)
+    p.add_argument("--zoom", type=float, default=4.0, help="magnification per step, above 1 and at most 64 (default 4)")
     p.add_argument("--size", type=lambda t: _pair(t, int, "--size"), default=(512, 512),
-                   help="process size, W or WxH (default 512)")
-    p.add_argument("--center", type=lambda t: _pair(t, float, "--center"), default=None,
-                   help="zoom target x,y in 0..1 of the input (default 0.5,0.5; on the bundled "
+                   help="process size, W or WxH, 8 to 16384 pixels (default 512)")
+    p.add_argument("--center", type=_center, default=None,
+                   help="zoom target x,y, each 0..1 of the input (default 0.5,0.5; on the bundled "
                    "sample its mission patch)")
-    p.add_argument("--mode", choices=MODES, default="recursive_multiscale")
+    p.add_argument("--mode", choices=MODES, default="recursive_multiscale", help=MODE_HELP)
     p.add_argument("--color", choices=sorted(COLOR_METHODS), default="wavelet",
-                   help="colour alignment after each SR step (default wavelet)")
+                   help="colour alignment after each SR step: wavelet (default), adain, bilateral "
+                   "(edge-aware) or none (the reference)")
     p.add_argument("--backbone", default="x4plus",
                    help="embedded Real-ESRGAN name (x4plus, x4plus_anime, animevideov3) or a "
                    "Real-ESRGAN .safetensors/.pth file (default x4plus)")
@@ -74,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: first CUDA GPU, else CPU)")
     p.add_argument("--seed", type=int, default=42, help="seed for sampling backbones (default 42, as the reference)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing result folders in OUT as a whole (default: refuse)")
+    p.add_argument("--allow-large", action="store_true",
+                   help="read images above Pillow's pixel limit (a guard against decompression bombs); "
+                   "they are reduced while read, since scale 0 needs only a downscaled copy")
 
     sd3 = p.add_argument_group("CoZ one-step SD3 backbone (replaces --backbone)")
     sd3.add_argument("--sd3", type=Path, help="SD3 medium: a diffusers folder or sd3_medium*.safetensors")
@@ -108,15 +138,21 @@ def build_prompt_source(args: argparse.Namespace, device: torch.device):
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
-    """Expand folders (their images, sorted); every named file must exist."""
+    """Expand folders (their images, sorted; other files are reported); every named file must exist."""
     if not inputs:
         return [sample_image_path()]
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            images = sorted(f for f in item.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(f for f in item.iterdir() if f.is_file() and not f.name.startswith("."))
+            images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
             if not images:
                 raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {item}")
+            others = [f.name for f in files if f not in images]
+            if others:
+                shown = ", ".join(others[:5]) + (" ..." if len(others) > 5 else "")
+                print(f"coz-zoom: {item}: skipping {len(others)} file(s) without an image suffix: {shown}",
+                      file=sys.stderr)
             found.extend(images)
         elif item.is_file():
             found.append(item)
@@ -160,6 +196,39 @@ def make_strip(result: ChainResult, height: int = 256) -> torch.Tensor:
     return torch.cat(tiles[:-1], dim=-1)
 
 
+def backbone_details(backbone, file: str | None) -> dict:
+    """What the manifest records about the SR model: results differ by each of these."""
+    details: dict = {"name": backbone.name, "file": file, "uses_prompt": bool(getattr(backbone, "uses_prompt", False))}
+    for attr in ("scale", "tile", "overlap", "latent_mode"):
+        if getattr(backbone, attr, None) is not None:
+            details[attr] = getattr(backbone, attr)
+    if getattr(backbone, "tiles", None) is not None and hasattr(backbone.tiles, "__dataclass_fields__"):
+        from dataclasses import asdict
+        details["tiles"] = asdict(backbone.tiles)
+    dtypes = {}
+    if isinstance(getattr(backbone, "dtype", None), torch.dtype):
+        dtypes["model"] = backbone.dtype
+    for part in ("transformer", "vae"):
+        module = getattr(backbone, part, None)
+        if isinstance(module, torch.nn.Module):
+            dtypes[part] = next(module.parameters()).dtype
+    details["dtypes"] = {k: str(v).removeprefix("torch.") for k, v in dtypes.items()}
+    return details
+
+
+def _in_file_pixels(result: ChainResult, loaded: LoadedImage) -> ChainResult:
+    """Boxes and magnifications of a chain run on a reduced copy, in the file's own pixels."""
+    sx, sy = loaded.scale
+    if (sx, sy) != (1.0, 1.0):
+        for step in result.steps:
+            b = step.box
+            step.box = Box(b.left * sx, b.top * sy, b.right * sx, b.bottom * sy)
+            if step.magnification_log2 is not None:
+                step.magnification_log2 -= math.log2(sx)
+        result.input_size = loaded.size
+    return result
+
+
 def write_outputs(result: ChainResult, folder: Path, source: Path, backbone_name: str, extra: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     batch = result.final.shape[0]
@@ -171,6 +240,8 @@ def write_outputs(result: ChainResult, folder: Path, source: Path, backbone_name
                 save_image(step.zoomed[b], folder / f"zoomed_{step.index}{suffix}.png")
     save_image(make_strip(result), folder / "strip.png")
     lines = [f"{s.index}: {' | '.join(s.prompts)}" for s in result.steps[1:]]
+    if not extra.get("prompts_used", True):
+        lines.insert(0, f"# unused: the {backbone_name} backbone takes no prompt; these are recorded only")
     (folder / "prompts.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     manifest = {
         "input": str(source),
@@ -183,19 +254,52 @@ def write_outputs(result: ChainResult, folder: Path, source: Path, backbone_name
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
 
+def prepare(args: argparse.Namespace, config: ChainConfig):
+    """Every check that needs no model (settings, device, inputs, output), then the models.
+
+    Returns (inputs, folder names, backbone or None, prompt source, manifest facts)."""
+    config.validate_settings()
+    device = policy.parse_device(args.device)
+    inputs = collect_inputs(args.inputs)
+    names = folder_names(inputs)
+    check_output(args.output, names, args.overwrite)
+    dtype = policy.resolve_dtype(args.precision, device)
+    warning = policy.warn_slow_precision(dtype, device)
+    if warning:
+        print(f"coz-zoom: warning: {warning}", file=sys.stderr)
+    backbone = None
+    if config.mode in ("recursive_multiscale", "recursive", "onestep"):
+        backbone = build_backbone(args, device)
+    config.validate(backbone)
+    prompts = build_prompt_source(args, device)
+    used = backbone is not None and bool(getattr(backbone, "uses_prompt", False))
+    if not used and (args.prompt or args.step_prompts or args.vlm):
+        print(f"coz-zoom: note: {backbone.name if backbone else config.mode} takes no prompt; "
+              "prompts are recorded as unused", file=sys.stderr)
+    file = str(args.sd3) if args.sd3 else args.backbone
+    facts = {"device": str(device), "precision": {"requested": args.precision},
+             "prompts_used": used}
+    if backbone is not None:
+        facts["backbone_details"] = backbone_details(backbone, file)
+        facts["precision"]["dtypes"] = facts["backbone_details"]["dtypes"]
+    return inputs, names, backbone, prompts, facts
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except KeyboardInterrupt:  # during start-up (model loading); the chain keeps its own scales
+        print("coz-zoom: interrupted", file=sys.stderr)
+        return 130
+
+
+def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     center = args.center or (SAMPLE_CENTER if not args.inputs else (0.5, 0.5))
     config = ChainConfig(mode=args.mode, steps=args.steps, zoom=args.zoom, size=args.size,
                          center=center, color=args.color, user_prompt=args.prompt, seed=args.seed)
     try:
-        inputs = collect_inputs(args.inputs)
-        device = policy.parse_device(args.device)
-        backbone = None
-        if config.mode in ("recursive_multiscale", "recursive", "onestep"):
-            backbone = build_backbone(args, device)
-        config.validate(backbone)
-        prompts = build_prompt_source(args, device)
+        inputs, names, backbone, prompts, facts = prepare(args, config)
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"coz-zoom: {exc}", file=sys.stderr)
         return 2
@@ -203,13 +307,18 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     failures = 0
-    for path in inputs:
+    for path, name in zip(inputs, names):
         try:
-            image = load_image(path)
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"coz-zoom: skipping {path}: {exc}", file=sys.stderr)
+            loaded = read_image(path, allow_large=args.allow_large, process_size=config.size)
+        except ImageTooLarge as exc:
+            print(f"coz-zoom: skipping: {exc}; pass --allow-large to process it", file=sys.stderr)
             failures += 1
             continue
+        except (ValueError, FileNotFoundError) as exc:  # the message names the file
+            print(f"coz-zoom: skipping: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        image = loaded.image
         bar = tqdm(total=config.steps + 1, desc=path.name, unit="scale", disable=args.quiet)
         done: list[ZoomStep] = []
         t0 = time.perf_counter()
@@ -218,10 +327,20 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:  # Ctrl-C: keep the scales already made
             result = ChainResult(done, config, (image.shape[-1], image.shape[-2]), cancelled=True)
         bar.close()
-        name = backbone.name if backbone is not None else config.mode
-        out = args.output / path.stem
+        result = _in_file_pixels(result, loaded)
+        label = backbone.name if backbone is not None else config.mode
+        out = args.output / name
+        extra = {**facts, "input_notes": loaded.notes, "seconds_total": time.perf_counter() - t0}
         if result.steps:
-            write_outputs(result, out, path, name, {"seconds_total": time.perf_counter() - t0})
+            try:
+                write_atomically(out, lambda tmp: write_outputs(result, tmp, path, label, extra))
+            except OSError as exc:
+                print(f"coz-zoom: could not write the results of {path} to {out} ({exc}); "
+                      "nothing of it was kept", file=sys.stderr)
+                if result.cancelled:
+                    return 130
+                failures += 1
+                continue
         if result.cancelled:
             print(f"coz-zoom: interrupted; {len(result.steps)} scales of {path.name} kept in {out}", file=sys.stderr)
             return 130
