@@ -7,13 +7,13 @@ from ..coz_core.color import COLOR_METHODS
 from ..coz_core.prompt.base import FixedPrompts
 from ..coz_core.zoom import MODES, ChainConfig, run_chain
 from . import host
-from .common import CATEGORY, SR_MODEL, VLM, image_in, image_out, join_prompts, zoom_inputs
+from .common import CHAIN, SR_MODEL, VLM, image_in, image_out, join_prompts, zoom_inputs
 
 
 class ZoomChain:
     DESCRIPTION = ("The whole Chain-of-Zoom in one node: zooms into the image step by step, each step "
                    "super-resolved by the SR model with a prompt from the VLM. 4 steps of 4x make 256x.")
-    CATEGORY = CATEGORY
+    CATEGORY = CHAIN
     FUNCTION = "zoom"
     RETURN_TYPES = ("IMAGE", "IMAGE", "STRING")
     RETURN_NAMES = ("image", "scales", "prompts")
@@ -34,11 +34,12 @@ class ZoomChain:
                                        "(direct SR); bicubic / nearest: no model, for comparison."}),
                 **zoom_inputs(),
                 "color": (list(COLOR_METHODS), {"default": "wavelet", "tooltip":
-                                                "Colour alignment after every SR step (against colour drift)."}),
+                                                "Colour alignment after every SR step (against colour drift): wavelet, adain, "
+                                                "bilateral (edge-aware) or none (the reference)."}),
                 "user_prompt": ("STRING", {"default": "", "multiline": True, "tooltip":
                                            "Your own words, appended to every step's prompt."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip":
-                                 "Noise seed for models that sample; step k uses seed + k."}),
+                                 "Noise seed for models that sample; step k uses seed + k (wrapping past 2^64 - 1)."}),
             },
             "optional": {
                 "sr_model": (SR_MODEL, {"tooltip": "From a CoZ loader; needed by every mode but bicubic/nearest."}),

@@ -6,6 +6,8 @@ import torch
 from ..coz_core.imageops import resize, to_bchw, to_bhwc
 
 CATEGORY = "CoZ"
+# sub-categories of the node menu, one per family
+LOADERS, STEPS, CHAIN, UPSCALING = f"{CATEGORY}/loaders", f"{CATEGORY}/steps", f"{CATEGORY}/chain", f"{CATEGORY}/upscaling"
 
 # socket types of the pack (prefixed so they never meet another pack's or ComfyUI's own types)
 SR_MODEL = "COZ_SR_MODEL"  # an SR backbone (coz_core.sr.base.SRBackbone)
@@ -19,7 +21,8 @@ def zoom_inputs(steps: bool = True) -> dict:
     inputs = {}
     if steps:
         inputs["steps"] = ("INT", {"default": 4, "min": 1, "max": 64, "tooltip":
-                                   "Zoom steps. The total magnification is zoom ^ steps (4 ^ 4 = 256x)."})
+                                   "Zoom steps. The total magnification is zoom ^ steps (4 ^ 4 = 256x), at most "
+                                   "2^40 (20 steps at zoom 4)."})
     inputs.update({
         "zoom": ("FLOAT", {"default": 4.0, "min": 1.01, "max": 64.0, "step": 0.01, "tooltip":
                            "Magnification of each step: every step crops 1/zoom of the previous scale."}),
@@ -35,6 +38,22 @@ def zoom_inputs(steps: bool = True) -> dict:
                                "of the input image."}),
     })
     return inputs
+
+
+def empty_image(height: int = 1, width: int = 1) -> torch.Tensor:
+    """An IMAGE with no pictures ([0, H, W, 3]): what an optional output gives when its input was
+    not connected (None would crash the next node; preview and save nodes show nothing)."""
+    return torch.zeros(0, height, width, 3)
+
+
+def empty_mask(height: int = 1, width: int = 1) -> torch.Tensor:
+    """A MASK with no masks ([0, H, W]), see :func:`empty_image`."""
+    return torch.zeros(0, height, width)
+
+
+def empty_latent(height: int = 1, width: int = 1, channels: int = 4) -> dict:
+    """A LATENT with no samples ({"samples": [0, C, h, w]}), see :func:`empty_image`."""
+    return {"samples": torch.zeros(0, channels, height, width)}
 
 
 def image_in(image: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..coz_core import factory, policy
 from . import host
-from .common import CATEGORY, VLM
+from .common import LOADERS, VLM
 
 NONE = "none"
 
@@ -16,7 +16,7 @@ class LoadVLM:
     DESCRIPTION = ("Loads the vision-language model that writes CoZ's prompts: a Qwen2.5-VL folder in "
                    "models/LLM (e.g. Qwen2.5-VL-3B-Instruct), with an optional LoRA adapter (a fine-tuned "
                    "prompt extractor).")
-    CATEGORY = CATEGORY
+    CATEGORY = LOADERS
     FUNCTION = "load"
     RETURN_TYPES = (VLM,)
     RETURN_NAMES = ("vlm",)

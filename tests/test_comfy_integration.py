@@ -42,7 +42,7 @@ def test_every_node_is_registered_with_its_types(server):
     for key, cls in pack.NODE_CLASS_MAPPINGS.items():
         assert key in info, f"{key} missing from /object_info"
         entry = info[key]
-        assert entry["category"] == "CoZ" and entry["display_name"] == pack.NODE_DISPLAY_NAME_MAPPINGS[key]
+        assert entry["category"].startswith("CoZ/") and entry["display_name"] == pack.NODE_DISPLAY_NAME_MAPPINGS[key]
         assert entry["description"] == cls.DESCRIPTION
         assert tuple(entry["output"]) == tuple(cls.RETURN_TYPES)
         assert tuple(entry["output_name"]) == tuple(cls.RETURN_NAMES)

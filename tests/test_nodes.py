@@ -53,7 +53,7 @@ def test_every_node_is_documented_and_typed():
     assert set(NODES) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
     for key, cls in NODES.items():
         assert key.startswith("CoZ") and pack.NODE_DISPLAY_NAME_MAPPINGS[key].startswith("CoZ ")
-        assert cls.CATEGORY == "CoZ" and len(cls.DESCRIPTION) > 40
+        assert cls.CATEGORY.startswith("CoZ/") and len(cls.DESCRIPTION) > 40
         assert callable(getattr(cls, cls.FUNCTION))
         assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
         spec = cls.INPUT_TYPES()
