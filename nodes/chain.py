@@ -5,14 +5,17 @@ import torch
 
 from ..coz_core.color import COLOR_METHODS
 from ..coz_core.prompt.base import FixedPrompts
-from ..coz_core.zoom import MODES, ChainConfig, run_chain
+from ..coz_core.zoom import MODES, ChainConfig, ChainResult, run_chain
 from . import host
 from .common import CHAIN, SR_MODEL, VLM, image_in, image_out, join_prompts, zoom_inputs
 
 
 class ZoomChain:
     DESCRIPTION = ("The whole Chain-of-Zoom in one node: zooms into the image step by step, each step "
-                   "super-resolved by the SR model with a prompt from the VLM. 4 steps of 4x make 256x.")
+                   "super-resolved by the SR model with a prompt from the VLM. 4 steps of 4x make 256x. "
+                   "Cancel keeps the finished scales: they are returned (the prompts output says so) and "
+                   "the rest of the graph runs on them; cancel again to stop it.")
+    partial_runs = 0  # cancelled runs so far: a partial result is never reused from ComfyUI's cache
     CATEGORY = CHAIN
     FUNCTION = "zoom"
     RETURN_TYPES = ("IMAGE", "IMAGE", "STRING")
@@ -47,13 +50,20 @@ class ZoomChain:
             },
         }
 
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return cls.partial_runs
+
     def zoom(self, image, mode, steps, zoom, width, height, center_x, center_y, color, user_prompt, seed,
              sr_model=None, vlm=None):
         config = ChainConfig(mode=mode, steps=int(steps), zoom=float(zoom), size=(int(width), int(height)),
                              center=(center_x, center_y), color=color, user_prompt=user_prompt, seed=int(seed))
         progress = host.Progress(config.steps)
 
+        done = []
+
         def on_step(step):
+            done.append(step)
             if step.index:
                 progress.update(step.index, preview=image_out(step.image[:1]))
 
@@ -61,9 +71,21 @@ class ZoomChain:
             host.throw_if_cancelled()
             return False
 
-        result = run_chain(image_in(image), sr_model, config, vlm or FixedPrompts(""), on_step, should_stop)
+        picture = image_in(image)
+        try:
+            result = run_chain(picture, sr_model, config, vlm or FixedPrompts(""), on_step, should_stop)
+        except host.interrupts():
+            # ComfyUI drops the outputs of a node that raises: return the finished scales instead
+            # (the raise cleared ComfyUI's interrupt flag, so the graph goes on with them)
+            if not done:
+                raise
+            result = ChainResult(done, config, (picture.shape[-1], picture.shape[-2]), cancelled=True)
+            type(self).partial_runs += 1
         scales = torch.cat([image_out(s) for s in result.images])
         prompts = "\n".join(join_prompts(p) for p in result.prompts)
+        if result.cancelled:
+            note = f"# cancelled: {len(result.steps) - 1} of {config.steps} steps done, these scales are returned"
+            prompts = f"{prompts}\n{note}" if prompts else note
         return image_out(result.final), scales, prompts
 
 

@@ -55,6 +55,11 @@ def request_cancel() -> None:
     _cancel.set()
 
 
+def interrupts() -> tuple[type[BaseException], ...]:
+    """The exceptions a user's cancel raises here (ComfyUI's InterruptProcessingException too)."""
+    return (Cancelled, _mm.InterruptProcessingException) if IN_COMFY else (Cancelled,)
+
+
 def throw_if_cancelled() -> None:
     """Raise if the user cancelled: ComfyUI's InterruptProcessingException, else :class:`Cancelled`."""
     if IN_COMFY:

@@ -172,11 +172,15 @@ def test_zoom_chain_without_model_and_its_progress():
         NODES["CoZZoomChain"]().zoom(bhwc(photo()), **chain_inputs())
 
 
-def test_zoom_chain_stops_when_cancelled():
+def test_zoom_chain_stops_when_cancelled_and_keeps_the_finished_scales():
     sr = LanczosSR(on_call=lambda n: host.request_cancel() if n == 2 else None)
-    with pytest.raises(host.Cancelled):
-        NODES["CoZZoomChain"]().zoom(bhwc(photo()), **chain_inputs(steps=6), sr_model=sr)
+    node = NODES["CoZZoomChain"]
+    before = node.IS_CHANGED()
+    final, scales, prompts = node().zoom(bhwc(photo()), **chain_inputs(steps=6), sr_model=sr)
     assert len(sr.requests) == 2  # stopped before step 3
+    assert scales.shape[0] == 3 and torch.equal(final, scales[2:])  # scales 0, 1, 2
+    assert prompts.splitlines()[-1] == "# cancelled: 2 of 6 steps done, these scales are returned"
+    assert node.IS_CHANGED() != before  # ComfyUI's cache will not hand the partial result out again
 
 
 def test_host_fallbacks(tmp_path, monkeypatch):
