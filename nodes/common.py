@@ -16,6 +16,13 @@ ZOOM_LOOP = "COZ_ZOOM_LOOP"  # the state a Zoom Loop Start hands to its Zoom Loo
 CROP_BOX = "COZ_CROP_BOX"  # (left, top, right, bottom) pixels of a zoom crop
 
 
+# auto precision is coz_core.policy's, the same inside ComfyUI and in coz-zoom
+PRECISION_TOOLTIP = ("Weight precision. auto (the pack's one policy, as on the command line): bf16 on "
+                     "GPUs that support it (fp16 on older ones and on Apple MPS), bf16 on CPUs with "
+                     "native bf16 (2.5-5x faster than fp32 there, visually identical), else fp32. "
+                     "fp16 on a CPU is about 10x slower.")
+
+
 def zoom_inputs(steps: bool = True) -> dict:
     """The chain geometry inputs shared by Zoom Chain and Zoom Loop Start."""
     inputs = {}

@@ -71,8 +71,9 @@ class LoadCoZSD3:
                                               "Off: load no text encoder; give SR Step CONDITIONING from "
                                               "CLIPTextEncode instead of prompt text."}),
                 "precision": (list(policy.SD3_PRESETS), {"default": "auto", "tooltip":
-                                                         "auto: transformer bf16 (fp16 on older GPUs, fp32 on CPUs "
-                                                         "without bf16), VAE fp32 as the reference, CLIPs fp16 on "
+                                                         "auto (the pack's one policy, as on the command line): "
+                                                         "transformer bf16 (fp16 on older GPUs and MPS, fp32 on "
+                                                         "CPUs without native bf16), VAE fp32 as the reference, CLIPs fp16 on "
                                                          "GPUs, T5 bf16. fp32 / bf16 / fp16: every part in that "
                                                          "dtype (T5 never in fp16: it overflows)."}),
             },

@@ -6,7 +6,7 @@ import torch
 from ..coz_core import factory, policy
 from ..coz_core.sr.realesrgan import DEFAULT_MODEL, EMBEDDED_MODELS
 from . import host
-from .common import LOADERS, SR_MODEL
+from .common import LOADERS, PRECISION_TOOLTIP, SR_MODEL
 
 TILE = ("INT", {"default": policy.TILE, "min": 0, "max": 4096, "step": 16, "tooltip":
                 "Largest input processed at once, in pixels per side (0 = never tile). Smaller saves memory."})
@@ -29,8 +29,7 @@ class LoadRealESRGAN:
         return {
             "required": {
                 "model": (names, {"default": DEFAULT_MODEL, "tooltip": tips}),
-                "precision": (list(policy.PRECISIONS), {"default": "auto", "tooltip":
-                                                      "Weight precision; auto picks what the device runs well."}),
+                "precision": (list(policy.PRECISIONS), {"default": "auto", "tooltip": PRECISION_TOOLTIP}),
                 "tile": TILE,
             },
         }

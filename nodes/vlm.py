@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..coz_core import factory, policy
 from . import host
-from .common import LOADERS, VLM
+from .common import LOADERS, PRECISION_TOOLTIP, VLM
 
 NONE = "none"
 
@@ -31,8 +31,7 @@ class LoadVLM:
                 "model": (folders, {"tooltip": "A Qwen2.5-VL folder in models/LLM."}),
                 "adapter": ([NONE] + sorted(adapters), {"tooltip":
                                                         "A PEFT LoRA adapter folder in models/LLM, merged into the model."}),
-                "precision": (list(policy.PRECISIONS), {"default": "auto", "tooltip":
-                                                      "Weights; auto: bf16/fp16 on GPUs, fp32 on the CPU."}),
+                "precision": (list(policy.PRECISIONS), {"default": "auto", "tooltip": PRECISION_TOOLTIP}),
                 "max_new_tokens": ("INT", {"default": policy.VLM_TOKENS, "min": 8, "max": 1024, "tooltip":
                                            "Longest answer in tokens (CoZ's current code: 32; its first "
                                            "release: 128). Longer answers cost time on every step."}),

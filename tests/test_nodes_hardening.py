@@ -71,3 +71,15 @@ def test_largest_seed_wraps_instead_of_overflowing():
     run_chain(torch.rand(1, 3, 16, 16), Seeded(), ChainConfig(mode="recursive", steps=2, zoom=2, size=16,
                                                               seed=2**64 - 1))
     assert seen == [0, 1]
+
+
+def test_precision_tooltips_state_the_one_policy():
+    """auto is coz_core.policy's everywhere; no tooltip may promise fp32 on every CPU."""
+    found = 0
+    for key, cls in pack.NODE_CLASS_MAPPINGS.items():
+        entry = cls.INPUT_TYPES().get("required", {}).get("precision")
+        if entry:
+            found += 1
+            tip = entry[1]["tooltip"]
+            assert "one policy" in tip and "fp32 on the CPU" not in tip, key
+    assert found == 3  # Real-ESRGAN, VLM, SD3 loaders
