@@ -247,7 +247,7 @@ def _reduce(array: np.ndarray, factor: int) -> np.ndarray:
 def _read_array(img, path: Path) -> np.ndarray:
     """A Pillow image as float32 [H, W, C] in 0..1, keeping 16-bit and float precision."""
     mode = img.mode
-    if img.format == "PNG" and img.tile and img.tile[0].args in _PNG16:
+    if img.format == "PNG" and len(img.tile) == 1 and img.tile[0][3] in _PNG16:
         return _read_png16(img, path)
     img.load()
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
@@ -276,7 +276,9 @@ def _read_png16(img, path: Path) -> np.ndarray:
     img.load()
     high = np.asarray(img, dtype=np.uint16)
     with Image.open(path) as again:
-        again.tile = [t._replace(args=_PNG16[t.args]) for t in again.tile]
+        tile = again.tile[0]  # a named tuple since Pillow 11, a plain tuple before
+        low_bytes = _PNG16[tile[3]]
+        again.tile = [tile._replace(args=low_bytes) if hasattr(tile, "_replace") else (*tile[:3], low_bytes)]
         again.load()
         low = np.asarray(again, dtype=np.uint16)
     return ((high << 8) | low).astype(np.float32) / 65535.0
