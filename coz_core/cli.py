@@ -254,11 +254,23 @@ def write_outputs(result: ChainResult, folder: Path, source: Path, backbone_name
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
 
+MODEL_PATHS = ("sd3", "coz_lora", "coz_vae", "clip_l", "clip_g", "t5", "tokenizers", "vlm", "vlm_adapter")
+
+
+def check_model_paths(args: argparse.Namespace) -> None:
+    """Every model file or folder named on the command line exists (before any of them loads)."""
+    for name in MODEL_PATHS:
+        path = getattr(args, name, None)
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file or folder")
+
+
 def prepare(args: argparse.Namespace, config: ChainConfig):
     """Every check that needs no model (settings, device, inputs, output), then the models.
 
     Returns (inputs, folder names, backbone or None, prompt source, manifest facts)."""
     config.validate_settings()
+    check_model_paths(args)
     device = policy.parse_device(args.device)
     inputs = collect_inputs(args.inputs)
     names = folder_names(inputs)
