@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict, is_dataclass
 import math
 import platform
 import sys
@@ -25,7 +26,7 @@ from . import __version__
 from .color import COLOR_METHODS
 from . import factory, policy
 from .imageops import IMAGE_SUFFIXES, ImageTooLarge, LoadedImage, read_image, resize, save_image
-from .output import OutputError, check_output, folder_names, write_atomically
+from .output import check_output, folder_names, write_atomically
 from .prompt.base import FixedPrompts
 from .zoom import MAX_MAGNIFICATION_LOG2, MODES, Box, ChainConfig, ChainResult, ZoomStep, run_chain
 
@@ -202,8 +203,7 @@ def backbone_details(backbone, file: str | None) -> dict:
     for attr in ("scale", "tile", "overlap", "latent_mode"):
         if getattr(backbone, attr, None) is not None:
             details[attr] = getattr(backbone, attr)
-    if getattr(backbone, "tiles", None) is not None and hasattr(backbone.tiles, "__dataclass_fields__"):
-        from dataclasses import asdict
+    if is_dataclass(getattr(backbone, "tiles", None)):
         details["tiles"] = asdict(backbone.tiles)
     dtypes = {}
     if isinstance(getattr(backbone, "dtype", None), torch.dtype):

@@ -222,7 +222,6 @@ def test_other_files_in_a_folder_are_reported(tmp_path, capsys):
 
 
 def test_manifest_records_device_precision_and_backbone(tmp_path, monkeypatch, capsys):
-    from coz_core.imageops import resize
     from coz_core.sr.upscale import UpscaleModelBackbone
 
     class Nearest4(torch.nn.Module):
