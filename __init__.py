@@ -4,4 +4,7 @@ if __package__:  # ComfyUI imports this folder as a package
 else:  # pytest imports this file as a plain module when the folder's name is no package name
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# served by ComfyUI; web/docs/<node key>.md are the nodes' help pages in the frontend
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -2,12 +2,18 @@
 
 Writes, per input image, into ``OUT/<name>/``: every scale (``scale_0.png`` ...), the zoomed SR
 inputs (``zoomed_1.png`` ...), a side-by-side ``strip.png`` with the next zoom box drawn on each
-scale, ``prompts.txt`` and ``manifest.json`` (settings, crop boxes, timings, versions).
+scale, ``prompts.txt`` and ``manifest.json`` (settings, crop boxes, timings, device, precision,
+backbone, versions). Folder names and atomic writing: :mod:`coz_core.output`.
+
+Every argument is checked before a model loads: settings, device, inputs and the output folder.
+Transparent inputs are composited on white (recorded in the manifest).
 """
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict, is_dataclass
+import math
 import platform
 import sys
 import time
@@ -19,9 +25,10 @@ import torch
 from . import __version__
 from .color import COLOR_METHODS
 from . import factory, policy
-from .imageops import IMAGE_SUFFIXES, load_image, resize, save_image
+from .imageops import IMAGE_SUFFIXES, ImageTooLarge, LoadedImage, read_image, resize, save_image
+from .output import check_output, folder_names, write_atomically
 from .prompt.base import prompt_info
-from .zoom import MODES, ChainConfig, ChainResult, ZoomStep, run_chain
+from .zoom import MAX_MAGNIFICATION_LOG2, MODES, Box, ChainConfig, ChainResult, ZoomStep, run_chain
 
 
 # Where the chain zooms on the sample when no --center is given: the mission patch on the suit.
@@ -46,6 +53,22 @@ def _pair(text: str, kind: type, name: str) -> tuple:
     return values
 
 
+def _center(text: str) -> tuple[float, float]:
+    parts = [p for p in text.replace(" ", "").split(",")]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--center takes two numbers x,y in 0..1 such as 0.34,0.75, got {text!r}")
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"--center takes both x and y (e.g. {text},0.5), got {text!r}")
+    return values
+
+
+MODE_HELP = ("recursive_multiscale: CoZ, each step's prompt sees the previous scale and the zoomed "
+             "input (default); recursive: prompts from the zoomed input only; onestep: one SR step "
+             "on the crop of scale 0 (the paper's baseline); bicubic, nearest: no model")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="coz-zoom",
@@ -54,16 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_FOLDER", help="images or folders of images")
     p.add_argument("-o", "--output", required=True, type=Path, help="output folder")
-    p.add_argument("--steps", type=int, default=4, help="zoom steps (default 4: 256x at zoom 4)")
-    p.add_argument("--zoom", type=float, default=4.0, help="magnification per step (default 4)")
+    p.add_argument("--steps", type=int, default=4,
+                   help="zoom steps, 1 to 64 with zoom ^ steps at most 2^%d (default 4: 256x at zoom 4)"
+                   % MAX_MAGNIFICATION_LOG2)
+    p.add_argument("--zoom", type=float, default=4.0, help="magnification per step, above 1 and at most 64 (default 4)")
     p.add_argument("--size", type=lambda t: _pair(t, int, "--size"), default=(512, 512),
-                   help="process size, W or WxH (default 512)")
-    p.add_argument("--center", type=lambda t: _pair(t, float, "--center"), default=None,
-                   help="zoom target x,y in 0..1 of the input (default 0.5,0.5; on the bundled "
+                   help="process size, W or WxH, 8 to 16384 pixels (default 512)")
+    p.add_argument("--center", type=_center, default=None,
+                   help="zoom target x,y, each 0..1 of the input (default 0.5,0.5; on the bundled "
                    "sample its mission patch)")
-    p.add_argument("--mode", choices=MODES, default="recursive_multiscale")
+    p.add_argument("--mode", choices=MODES, default="recursive_multiscale", help=MODE_HELP)
     p.add_argument("--color", choices=sorted(COLOR_METHODS), default="wavelet",
-                   help="colour alignment after each SR step (default wavelet)")
+                   help="colour alignment after each SR step: wavelet (default), adain, bilateral "
+                   "(edge-aware) or none (the reference)")
     p.add_argument("--backbone", default="x4plus",
                    help="embedded Real-ESRGAN name (x4plus, x4plus_anime, animevideov3) or a "
                    "Real-ESRGAN .safetensors/.pth file (default x4plus)")
@@ -75,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: first CUDA GPU, else CPU)")
     p.add_argument("--seed", type=int, default=42, help="seed for sampling backbones (default 42, as the reference)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing result folders in OUT as a whole (default: refuse)")
+    p.add_argument("--allow-large", action="store_true",
+                   help="read images above Pillow's pixel limit (a guard against decompression bombs); "
+                   "they are reduced while read, since scale 0 needs only a downscaled copy")
 
     sd3 = p.add_argument_group("CoZ one-step SD3 backbone (replaces --backbone)")
     sd3.add_argument("--sd3", type=Path, help="SD3 medium: a diffusers folder or sd3_medium*.safetensors")
@@ -125,15 +156,21 @@ def build_prompt_source(args: argparse.Namespace, device: torch.device):
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
-    """Expand folders (their images, sorted); every named file must exist."""
+    """Expand folders (their images, sorted; other files are reported); every named file must exist."""
     if not inputs:
         return [sample_image_path()]
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            images = sorted(f for f in item.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(f for f in item.iterdir() if f.is_file() and not f.name.startswith("."))
+            images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
             if not images:
                 raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {item}")
+            others = [f.name for f in files if f not in images]
+            if others:
+                shown = ", ".join(others[:5]) + (" ..." if len(others) > 5 else "")
+                print(f"coz-zoom: {item}: skipping {len(others)} file(s) without an image suffix: {shown}",
+                      file=sys.stderr)
             found.extend(images)
         elif item.is_file():
             found.append(item)
@@ -180,6 +217,38 @@ def make_strip(result: ChainResult, height: int = 256) -> torch.Tensor:
     return torch.cat(tiles[:-1], dim=-1)
 
 
+def backbone_details(backbone, file: str | None) -> dict:
+    """What the manifest records about the SR model: results differ by each of these."""
+    details: dict = {"name": backbone.name, "file": file, "uses_prompt": bool(getattr(backbone, "uses_prompt", False))}
+    for attr in ("scale", "tile", "overlap", "latent_mode"):
+        if getattr(backbone, attr, None) is not None:
+            details[attr] = getattr(backbone, attr)
+    if is_dataclass(getattr(backbone, "tiles", None)):
+        details["tiles"] = asdict(backbone.tiles)
+    dtypes = {}
+    if isinstance(getattr(backbone, "dtype", None), torch.dtype):
+        dtypes["model"] = backbone.dtype
+    for part in ("transformer", "vae"):
+        module = getattr(backbone, part, None)
+        if isinstance(module, torch.nn.Module):
+            dtypes[part] = next(module.parameters()).dtype
+    details["dtypes"] = {k: str(v).removeprefix("torch.") for k, v in dtypes.items()}
+    return details
+
+
+def _in_file_pixels(result: ChainResult, loaded: LoadedImage) -> ChainResult:
+    """Boxes and magnifications of a chain run on a reduced copy, in the file's own pixels."""
+    sx, sy = loaded.scale
+    if (sx, sy) != (1.0, 1.0):
+        for step in result.steps:
+            b = step.box
+            step.box = Box(b.left * sx, b.top * sy, b.right * sx, b.bottom * sy)
+            if step.magnification_log2 is not None:
+                step.magnification_log2 -= math.log2(sx)
+        result.input_size = loaded.size
+    return result
+
+
 def write_outputs(result: ChainResult, folder: Path, source: Path, backbone_name: str, extra: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     batch = result.final.shape[0]
@@ -191,6 +260,8 @@ def write_outputs(result: ChainResult, folder: Path, source: Path, backbone_name
                 save_image(step.zoomed[b], folder / f"zoomed_{step.index}{suffix}.png")
     save_image(make_strip(result), folder / "strip.png")
     lines = [f"{s.index}: {' | '.join(s.prompts)}" for s in result.steps[1:]]
+    if not extra.get("prompts_used", True):
+        lines.insert(0, f"# unused: the {backbone_name} backbone takes no prompt; these are recorded only")
     (folder / "prompts.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     manifest = {
         "input": str(source),
@@ -201,6 +272,15 @@ def write_outputs(result: ChainResult, folder: Path, source: Path, backbone_name
                      "python": platform.python_version()},
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+
+
+def write_results(result: ChainResult, folder: Path, source: Path, label: str, extra: dict,
+                  args: argparse.Namespace) -> None:
+    """Every file of one input into ``folder``: the scales, strip, prompts, manifest, and the zoom
+    video when asked for (not for a cancelled chain)."""
+    write_outputs(result, folder, source, label, extra)
+    if args.video is not None and len(result.steps) > 1 and not result.cancelled:
+        write_video_of(result, folder / args.video, args)
 
 
 def write_video_of(result: ChainResult, path: Path, args: argparse.Namespace) -> None:
@@ -217,28 +297,73 @@ def write_video_of(result: ChainResult, path: Path, args: argparse.Namespace) ->
         save_zoom_video(result, path, args.fps, args.seconds, args.video_direction, on_frame)
 
 
+MODEL_PATHS = ("sd3", "coz_lora", "coz_vae", "clip_l", "clip_g", "t5", "tokenizers", "vlm", "vlm_adapter")
+
+
+def check_model_paths(args: argparse.Namespace) -> None:
+    """Every model file or folder named on the command line exists (before any of them loads)."""
+    for name in MODEL_PATHS:
+        path = getattr(args, name, None)
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file or folder")
+
+
+def prepare(args: argparse.Namespace, config: ChainConfig):
+    """Every check that needs no model (settings, device, inputs, output), then the models.
+
+    Returns (inputs, folder names, backbone or None, prompt source, manifest facts)."""
+    config.validate_settings()
+    factory.prompt_type(args.prompt_type, args.vlm, args.vlm_adapter, step_texts(args))
+    check_model_paths(args)
+    device = policy.parse_device(args.device)
+    inputs = collect_inputs(args.inputs)
+    names = folder_names(inputs)
+    check_output(args.output, names, args.overwrite)
+    if args.video is not None:
+        from .video import check_output as check_video
+
+        check_video(args.video, args.fps, args.seconds)
+    dtype = policy.resolve_dtype(args.precision if args.precision in policy.PRECISIONS else "auto", device)
+    warning = policy.warn_slow_precision(dtype, device)
+    if warning:
+        print(f"coz-zoom: warning: {warning}", file=sys.stderr)
+    backbone = None
+    if config.mode in ("recursive_multiscale", "recursive", "onestep"):
+        backbone = build_backbone(args, device)
+    config.validate(backbone)
+    prompts = build_prompt_source(args, device)
+    if args.sd3 is not None and policy.sd3_setup(args.precision, device).take_turns:
+        from .residency import take_turns
+
+        backbone, prompts = take_turns(backbone, prompts, device)
+    used = backbone is not None and bool(getattr(backbone, "uses_prompt", False))
+    if not used and (args.prompt or args.step_prompts or args.vlm):
+        print(f"coz-zoom: note: {backbone.name if backbone else config.mode} takes no prompt; "
+              "prompts are recorded as unused", file=sys.stderr)
+    file = str(args.sd3) if args.sd3 else args.backbone
+    facts = {"device": str(device), "precision": {"requested": args.precision},
+             "prompts_used": used}
+    if backbone is not None:
+        facts["backbone_details"] = backbone_details(backbone, file)
+        facts["precision"]["dtypes"] = facts["backbone_details"]["dtypes"]
+    return inputs, names, backbone, prompts, facts
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except KeyboardInterrupt:  # during start-up (model loading); the chain keeps its own scales
+        print("coz-zoom: interrupted", file=sys.stderr)
+        return 130
+
+
+def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     center = args.center or (SAMPLE_CENTER if not args.inputs else (0.5, 0.5))
     config = ChainConfig(mode=args.mode, steps=args.steps, zoom=args.zoom, size=args.size,
                          center=center, color=args.color, user_prompt=args.prompt, seed=args.seed)
     try:
-        inputs = collect_inputs(args.inputs)
-        if args.video is not None:
-            from .video import check_output
-
-            check_output(args.video, args.fps, args.seconds)
-        device = policy.parse_device(args.device)
-        factory.prompt_type(args.prompt_type, args.vlm, args.vlm_adapter, step_texts(args))  # before loading
-        backbone = None
-        if config.mode in ("recursive_multiscale", "recursive", "onestep"):
-            backbone = build_backbone(args, device)
-        config.validate(backbone)
-        prompts = build_prompt_source(args, device)
-        if args.sd3 is not None and policy.sd3_setup(args.precision, device).take_turns:
-            from .residency import take_turns
-
-            backbone, prompts = take_turns(backbone, prompts, device)
+        inputs, names, backbone, prompts, facts = prepare(args, config)
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"coz-zoom: {exc}", file=sys.stderr)
         return 2
@@ -246,13 +371,18 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     failures = 0
-    for path in inputs:
+    for path, name in zip(inputs, names):
         try:
-            image = load_image(path)
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"coz-zoom: skipping {path}: {exc}", file=sys.stderr)
+            loaded = read_image(path, allow_large=args.allow_large, process_size=config.size)
+        except ImageTooLarge as exc:
+            print(f"coz-zoom: skipping: {exc}; pass --allow-large to process it", file=sys.stderr)
             failures += 1
             continue
+        except (ValueError, FileNotFoundError) as exc:  # the message names the file
+            print(f"coz-zoom: skipping: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        image = loaded.image
         bar = tqdm(total=config.steps + 1, desc=path.name, unit="scale", disable=args.quiet)
         done: list[ZoomStep] = []
         t0 = time.perf_counter()
@@ -262,12 +392,20 @@ def main(argv: list[str] | None = None) -> int:
             result = ChainResult(done, config, (image.shape[-1], image.shape[-2]), cancelled=True,
                                  prompt=prompt_info(prompts))
         bar.close()
-        name = backbone.name if backbone is not None else config.mode
-        out = args.output / path.stem
+        result = _in_file_pixels(result, loaded)
+        label = backbone.name if backbone is not None else config.mode
+        out = args.output / name
+        extra = {**facts, "input_notes": loaded.notes, "seconds_total": time.perf_counter() - t0}
         if result.steps:
-            write_outputs(result, out, path, name, {"seconds_total": time.perf_counter() - t0})
-        if args.video is not None and len(result.steps) > 1 and not result.cancelled:
-            write_video_of(result, out / args.video, args)
+            try:
+                write_atomically(out, lambda tmp: write_results(result, tmp, path, label, extra, args))
+            except OSError as exc:
+                print(f"coz-zoom: could not write the results of {path} to {out} ({exc}); "
+                      "nothing of it was kept", file=sys.stderr)
+                if result.cancelled:
+                    return 130
+                failures += 1
+                continue
         if result.cancelled:
             print(f"coz-zoom: interrupted; {len(result.steps)} scales of {path.name} kept in {out}", file=sys.stderr)
             return 130

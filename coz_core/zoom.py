@@ -26,6 +26,12 @@ MODES = ("recursive_multiscale", "recursive", "onestep", "bicubic", "nearest")
 MODEL_MODES = ("recursive_multiscale", "recursive", "onestep")
 DIRECT_MODES = ("onestep", "bicubic", "nearest")  # crop scale 0 directly, no recursion
 
+# Total magnification (zoom ^ steps) is capped at 2^40 (about 10^12): beyond it the box a scale
+# shows is narrower than float64 can resolve next to its coordinates in the original image.
+MAX_MAGNIFICATION_LOG2 = 40
+# Step k samples with seed + k, wrapped into torch.manual_seed's range (0 .. 2^64 - 1).
+SEED_RANGE = 2**64
+
 CropBox = tuple[int, int, int, int]  # (left, top, right, bottom) in pixels, right/bottom exclusive
 
 
@@ -137,19 +143,34 @@ class ChainConfig:
         self.size = (int(self.size[0]), int(self.size[1]))
         self.center = (float(self.center[0]), float(self.center[1]))
 
-    def validate(self, backbone: SRBackbone | None = None) -> None:
+    def validate_settings(self) -> None:
+        """Check everything that needs no model (mode, steps, zoom, size, centre, colour), so a
+        face can refuse bad settings before loading anything."""
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {MODES}")
         if not 1 <= self.steps <= 64:
             raise ValueError(f"steps must be between 1 and 64, got {self.steps}")
         if not (math.isfinite(self.zoom) and 1.0 < self.zoom <= 64.0):
             raise ValueError(f"zoom per step must be above 1 and at most 64, got {self.zoom}")
+        if self.steps * math.log2(self.zoom) > MAX_MAGNIFICATION_LOG2 + 1e-9:
+            most = math.floor(MAX_MAGNIFICATION_LOG2 / math.log2(self.zoom) + 1e-9)
+            raise ValueError(
+                f"{self.steps} steps at zoom {self.zoom:g} magnify {self.zoom:g}^{self.steps} = "
+                f"2^{self.steps * math.log2(self.zoom):.1f}x, beyond 2^{MAX_MAGNIFICATION_LOG2} where "
+                f"positions in the original image can no longer be told apart; use at most {most} steps"
+            )
         if min(self.size) < 8 or max(self.size) > 16384:
             raise ValueError(f"process size must be between 8 and 16384 pixels, got {self.size}")
         if not all(0.0 <= c <= 1.0 for c in self.center):
             raise ValueError(f"zoom centre must be within 0..1, got {self.center}")
         if self.color not in COLOR_METHODS:
             raise ValueError(f"unknown colour method {self.color!r}; choose one of {sorted(COLOR_METHODS)}")
+        # the deepest crop must keep at least one pixel
+        zoom_box(self.size, self.zoom ** (self.steps if self.mode in DIRECT_MODES else 1))
+
+    def validate(self, backbone: SRBackbone | None = None) -> None:
+        """:meth:`validate_settings`, then whether ``backbone`` fits them."""
+        self.validate_settings()
         if self.mode in MODEL_MODES:
             if backbone is None:
                 raise ValueError(f"mode {self.mode!r} needs an SR backbone")
@@ -159,8 +180,6 @@ class ChainConfig:
                     f"the {backbone.name} backbone needs a process size that is a multiple of "
                     f"{multiple}; {self.size[0]}x{self.size[1]} is not"
                 )
-        # the deepest crop must keep at least one pixel
-        zoom_box(self.size, self.zoom ** (self.steps if self.mode in DIRECT_MODES else 1))
 
 
 @dataclass
@@ -172,10 +191,16 @@ class ZoomStep:
     box: Box  # the region of the original input this scale shows
     crop: CropBox | None  # the crop taken from the source scale (k-1, or 0 in direct modes)
     seconds: dict[str, float] = field(default_factory=dict)  # prompt, model, total
+    # log2 of the pixels of this scale per pixel of the original input (horizontal), carried
+    # from step to step as a sum of logs (the box width itself underflows at deep zooms);
+    # None: computed from the box
+    magnification_log2: float | None = None
 
     @property
     def magnification(self) -> float:
         """Pixels of this scale per pixel of the original input (horizontal)."""
+        if self.magnification_log2 is not None:
+            return 2.0 ** self.magnification_log2
         return self.image.shape[-1] / self.box.width
 
     def record(self) -> dict:
@@ -207,7 +232,10 @@ class ChainResult:
 
     def zoom_of(self, step: ZoomStep) -> float:
         """Magnification of ``step`` relative to scale 0 (4, 16, 64 ... by default)."""
-        return step.magnification / self.steps[0].magnification
+        first = self.steps[0]
+        if step.magnification_log2 is not None and first.magnification_log2 is not None:
+            return 2.0 ** (step.magnification_log2 - first.magnification_log2)
+        return step.magnification / first.magnification
 
     def record(self) -> dict:
         steps = [{**s.record(), "zoom": self.zoom_of(s)} for s in self.steps]
@@ -279,7 +307,8 @@ def run_chain(
 
     t0 = _clock(device)
     first, region, target = scale_zero(image, config.size, config.center)
-    steps = [ZoomStep(0, first, None, [], region, None, {"total": _clock(device) - t0})]
+    steps = [ZoomStep(0, first, None, [], region, None, {"total": _clock(device) - t0},
+                      math.log2(first.shape[-1] / region.width))]
     if on_step:
         on_step(steps[0])
     size_wh = config.size
@@ -311,7 +340,7 @@ def run_chain(
             prompts = [compose_prompt(g, config.user_prompt) for g in generated]
             seconds["prompt"] = _clock(device) - t
             t = _clock(device)
-            seed = None if config.seed is None else config.seed + k
+            seed = None if config.seed is None else (config.seed + k) % SEED_RANGE
             out = backbone(SRRequest(region_px, zoomed, prompts, seed=seed))
             seconds["model"] = _clock(device) - t
             if out.shape != zoomed.shape:
@@ -322,7 +351,9 @@ def run_chain(
         if config.mode not in DIRECT_MODES:
             target = center_in_crop(target, box, size_wh)
         seconds["total"] = _clock(device) - t_start
-        steps.append(ZoomStep(k, out, zoomed, prompts, shown, box, seconds))
+        # this scale's crop of ``box[2] - box[0]`` pixels of the source scale fills its full width
+        log2_mag = source_step.magnification_log2 + math.log2(size_wh[0] / (box[2] - box[0]))
+        steps.append(ZoomStep(k, out, zoomed, prompts, shown, box, seconds, log2_mag))
         if on_step:
             on_step(steps[-1])
     return ChainResult(steps, config, (in_w, in_h), cancelled, prompt_info(source))

@@ -6,6 +6,9 @@ import torch
 from ..coz_core.imageops import resize, to_bchw, to_bhwc
 
 CATEGORY = "CoZ"
+# sub-categories of the node menu, one per family
+LOADERS, STEPS, CHAIN, UPSCALING = f"{CATEGORY}/loaders", f"{CATEGORY}/steps", f"{CATEGORY}/chain", f"{CATEGORY}/upscaling"
+VIDEO = f"{CATEGORY}/video"
 
 # socket types of the pack (prefixed so they never meet another pack's or ComfyUI's own types)
 SR_MODEL = "COZ_SR_MODEL"  # an SR backbone (coz_core.sr.base.SRBackbone)
@@ -15,12 +18,20 @@ CROP_BOX = "COZ_CROP_BOX"  # (left, top, right, bottom) pixels of a zoom crop
 ZOOM_BOXES = "COZ_ZOOM_BOXES"  # tuple of coz_core.zoom.Box: the region of the input each scale shows
 
 
+# auto precision is coz_core.policy's, the same inside ComfyUI and in coz-zoom
+PRECISION_TOOLTIP = ("Weight precision. auto (the pack's one policy, as on the command line): bf16 on "
+                     "GPUs that support it (fp16 on older ones and on Apple MPS), bf16 on CPUs with "
+                     "native bf16 (2.5-5x faster than fp32 there, visually identical), else fp32. "
+                     "fp16 on a CPU is about 10x slower.")
+
+
 def zoom_inputs(steps: bool = True) -> dict:
     """The chain geometry inputs shared by Zoom Chain and Zoom Loop Start."""
     inputs = {}
     if steps:
         inputs["steps"] = ("INT", {"default": 4, "min": 1, "max": 64, "tooltip":
-                                   "Zoom steps. The total magnification is zoom ^ steps (4 ^ 4 = 256x)."})
+                                   "Zoom steps. The total magnification is zoom ^ steps (4 ^ 4 = 256x), at most "
+                                   "2^40 (20 steps at zoom 4)."})
     inputs.update({
         "zoom": ("FLOAT", {"default": 4.0, "min": 1.01, "max": 64.0, "step": 0.01, "tooltip":
                            "Magnification of each step: every step crops 1/zoom of the previous scale."}),
@@ -36,6 +47,22 @@ def zoom_inputs(steps: bool = True) -> dict:
                                "of the input image."}),
     })
     return inputs
+
+
+def empty_image(height: int = 1, width: int = 1) -> torch.Tensor:
+    """An IMAGE with no pictures ([0, H, W, 3]): what an optional output gives when its input was
+    not connected (None would crash the next node; preview and save nodes show nothing)."""
+    return torch.zeros(0, height, width, 3)
+
+
+def empty_mask(height: int = 1, width: int = 1) -> torch.Tensor:
+    """A MASK with no masks ([0, H, W]), see :func:`empty_image`."""
+    return torch.zeros(0, height, width)
+
+
+def empty_latent(height: int = 1, width: int = 1, channels: int = 4) -> dict:
+    """A LATENT with no samples ({"samples": [0, C, h, w]}), see :func:`empty_image`."""
+    return {"samples": torch.zeros(0, channels, height, width)}
 
 
 def image_in(image: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ FOLDERS = {
     "vae": "vae",
     "upscale_models": "upscale_models",
 }
+OWN_FOLDERS = ("coz", "LLM")  # the pack's own, created when registered (ComfyUI makes the rest)
 
 
 # --- cancellation --------------------------------------------------------------------------
@@ -52,6 +53,11 @@ _cancel = threading.Event()
 def request_cancel() -> None:
     """Ask the running chain to stop at the next step (the fallback for ComfyUI's Cancel)."""
     _cancel.set()
+
+
+def interrupts() -> tuple[type[BaseException], ...]:
+    """The exceptions a user's cancel raises here (ComfyUI's InterruptProcessingException too)."""
+    return (Cancelled, _mm.InterruptProcessingException) if IN_COMFY else (Cancelled,)
 
 
 def throw_if_cancelled() -> None:
@@ -199,12 +205,18 @@ def models_root() -> Path:
 
 
 def register_folders() -> None:
-    """Make ComfyUI list the pack's model folders (models/coz, models/LLM); idempotent."""
+    """Make ComfyUI list the pack's model folders (models/coz, models/LLM) and create those two,
+    so users see where CoZ's files go; idempotent."""
     if not IN_COMFY:
         return
     for name, sub in FOLDERS.items():
         if name not in _folders.folder_names_and_paths:
             _folders.add_model_folder_path(name, str(Path(_folders.models_dir) / sub), is_default=True)
+    for name in OWN_FOLDERS:
+        try:
+            (Path(_folders.models_dir) / FOLDERS[name]).mkdir(parents=True, exist_ok=True)
+        except OSError:  # a read-only install: the folders are listed all the same
+            pass
 
 
 SAMPLE_IMAGE_NAME = "coz_sample.png"  # what the shipped workflows' Load Image nodes open

@@ -15,7 +15,7 @@ import torch
 from ..coz_core.imageops import resize
 from ..coz_core.zoom import center_in_crop, crop, initial_plan, prepare_input, scale_zero, zoom_box, zoom_in
 from . import host
-from .common import CATEGORY, ZOOM_BOXES, ZOOM_LOOP, image_in, image_out, match_size, zoom_inputs
+from .common import CHAIN, ZOOM_BOXES, ZOOM_LOOP, image_in, image_out, match_size, zoom_inputs
 
 
 class ZoomLoopState:
@@ -43,7 +43,7 @@ class ZoomLoopStart:
                    "(e.g. CoZ VLM Prompt -> CoZ SR Step -> CoZ Color Fix, or ComfyUI's Upscale Image "
                    "(using Model) on 'region') and the step's result into CoZ Zoom Loop End: "
                    "the nodes in between run once per step.")
-    CATEGORY = CATEGORY
+    CATEGORY = CHAIN
     FUNCTION = "start"
     RETURN_TYPES = (ZOOM_LOOP, "IMAGE", "IMAGE", "IMAGE", "INT", "MASK")
     RETURN_NAMES = ("loop", "previous", "zoomed", "region", "step", "mask_region")
@@ -68,7 +68,8 @@ class ZoomLoopStart:
             "optional": {
                 "mask": ("MASK", {"tooltip": "A mask or depth map (0..1) of the input image to carry through "
                                              "the zoom: crop it with 'mask_region', upsample it in the body "
-                                             "and give it to Zoom Loop End's 'mask'."}),
+                                             "and give it to Zoom Loop End's 'mask'. Load Image's empty 64x64 mask (an image "
+                                             "without alpha) counts as no mask."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID", "state": (ZOOM_LOOP,)},
         }
@@ -79,6 +80,8 @@ class ZoomLoopStart:
         if state is None:  # the first iteration: scale 0
             picture = prepare_input(image_in(image))
             first, shown, target = scale_zero(picture, size, (center_x, center_y))
+            if mask is not None and is_placeholder_mask(mask, picture):
+                mask = None
             masks = None if mask is None else (mask_zero(mask, picture, size, (center_x, center_y)),)
             state = ZoomLoopState(unique_id, int(steps), size, 1, target, (image_out(first),), (), masks, (shown,))
         previous = state.scales[-1]
@@ -99,7 +102,7 @@ class ZoomLoopEnd:
     DESCRIPTION = ("End of a Chain-of-Zoom loop: takes the step's result (the new scale) and runs the "
                    "loop body again until every step is done. Outputs the last scale, all scales as "
                    "one batch (scale 0 first) and the prompts of the steps.")
-    CATEGORY = CATEGORY
+    CATEGORY = CHAIN
     FUNCTION = "end"
     RETURN_TYPES = ("IMAGE", "IMAGE", "STRING", "MASK", ZOOM_BOXES)
     RETURN_NAMES = ("image", "scales", "prompts", "masks", "boxes")
@@ -201,6 +204,12 @@ def mask_zero(mask: torch.Tensor, picture: torch.Tensor, size: tuple[int, int],
     resized, box = initial_plan((picture.shape[-1], picture.shape[-2]), size, center)
     scaled = resize(mask.float(), (resized[1], resized[0]), "lanczos").clamp(0, 1)
     return crop(scaled, box).contiguous()
+
+
+def is_placeholder_mask(mask: torch.Tensor, picture: torch.Tensor) -> bool:
+    """ComfyUI's Load Image gives a 64x64 mask of zeros for an image without alpha: no mask at all."""
+    return (tuple(mask.shape[-2:]) == (64, 64) != tuple(picture.shape[-2:])
+            and not bool(mask.any()))
 
 
 def fit_mask(mask: torch.Tensor, batch: int, size_hw: tuple[int, int]) -> torch.Tensor:

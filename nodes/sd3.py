@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..coz_core import factory, policy
 from . import host
-from .common import CATEGORY, SR_MODEL
+from .common import LOADERS, SR_MODEL
 
 NONE = "none"
 FROM_CHECKPOINT = "(from the SD3 model)"
@@ -30,11 +30,20 @@ def resolve_sd3(source: str) -> Path:
     return host.resolve(kind, name)
 
 
+def coz_file_lists(files: list[str]) -> tuple[list[str], list[str]]:
+    """models/coz files split for the two lists by name: VAE encoders have "vae" in their name
+    (vae_encoder_20001.pt), LoRAs are the rest (model_20001.pkl); a list that would be empty
+    offers every file (renamed files stay usable)."""
+    vae = [f for f in files if "vae" in f.rsplit("/", 1)[-1].lower()]
+    lora = [f for f in files if f not in vae]
+    return lora or files, vae or files
+
+
 class LoadCoZSD3:
     DESCRIPTION = ("Loads CoZ's one-step SR model: Stable Diffusion 3 medium (a diffusers folder or the "
                    "single-file checkpoint) with the CoZ LoRA and the CoZ VAE encoder merged in. Text "
                    "encoders come from the SD3 model or separate files; T5 can stay off to save ~10 GB.")
-    CATEGORY = CATEGORY
+    CATEGORY = LOADERS
     FUNCTION = "load"
     RETURN_TYPES = (SR_MODEL,)
     RETURN_NAMES = ("sr_model",)
@@ -42,16 +51,17 @@ class LoadCoZSD3:
 
     @classmethod
     def INPUT_TYPES(cls):
-        coz = [NONE] + host.list_files("coz", (".safetensors", ".pkl", ".pt", ".pth"))
+        coz = host.list_files("coz", (".safetensors", ".pkl", ".pt", ".pth"))
+        loras, vae_encoders = coz_file_lists(coz)
         text = [FROM_CHECKPOINT] + host.list_files("text_encoders", (".safetensors",))
         return {
             "required": {
                 "sd3": (sd3_sources(), {"tooltip": "SD3 medium: a folder in models/diffusers or "
                                                    "sd3_medium.safetensors in models/checkpoints."}),
-                "coz_lora": (coz, {"tooltip": "CoZ's SR LoRA (model_20001.pkl or its .safetensors) in models/coz, "
+                "coz_lora": ([NONE] + loras, {"tooltip": "CoZ's SR LoRA (model_20001.pkl or its .safetensors) in models/coz, "
                                               "or Wan2GP's CoZ_sd3_medium_srlora_bf16.safetensors (replaces SD3's "
                                               "transformer). none = plain SD3 (for comparisons only)."}),
-                "coz_vae_encoder": (coz, {"tooltip": "CoZ's VAE encoder (vae_encoder_20001.pt or its .safetensors) "
+                "coz_vae_encoder": ([NONE] + vae_encoders, {"tooltip": "CoZ's VAE encoder (vae_encoder_20001.pt or its .safetensors) "
                                                      "in models/coz, or Wan2GP's CoZ_sd3_vae_srlora_bf16.safetensors "
                                                      "(replaces SD3's VAE)."}),
                 "clip_l": (text, {"tooltip": "CLIP-L text encoder file (models/text_encoders), or the SD3 model's own."}),
@@ -63,8 +73,9 @@ class LoadCoZSD3:
                                               "Off: load no text encoder; give SR Step CONDITIONING from "
                                               "CLIPTextEncode instead of prompt text."}),
                 "precision": (list(policy.SD3_PRESETS), {"default": "auto", "tooltip":
-                                                         "auto: transformer bf16 (fp16 on older GPUs, fp32 on CPUs "
-                                                         "without bf16), VAE fp32 as the reference, CLIPs fp16 on "
+                                                         "auto (the pack's one policy, as on the command line): "
+                                                         "transformer bf16 (fp16 on older GPUs and MPS, fp32 on "
+                                                         "CPUs without native bf16), VAE fp32 as the reference, CLIPs fp16 on "
                                                          "GPUs, T5 bf16. fp32 / bf16 / fp16: every part in that "
                                                          "dtype (T5 never in fp16: it overflows)."}),
             },

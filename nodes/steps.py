@@ -8,14 +8,14 @@ from ..coz_core.prompt.base import PromptRequest, compose_prompt
 from ..coz_core.sr.base import SRRequest
 from ..coz_core.zoom import zoom_box, zoom_in
 from . import host
-from .common import (CATEGORY, CROP_BOX, SR_MODEL, VLM, fit_batch, image_in, image_out, join_prompts,
+from .common import (STEPS, CROP_BOX, SR_MODEL, VLM, fit_batch, image_in, image_out, join_prompts,
                      match_size, split_prompts, zoom_inputs)
 
 
 class ZoomCrop:
     DESCRIPTION = ("One zoom of the chain by hand: crops 1/zoom of the image around the centre and "
                    "resizes it (bicubic, like the CoZ reference) to the process size.")
-    CATEGORY = CATEGORY
+    CATEGORY = STEPS
     FUNCTION = "crop"
     RETURN_TYPES = ("IMAGE", "IMAGE", CROP_BOX, "MASK")
     RETURN_NAMES = ("zoomed", "region", "box", "mask_region")
@@ -60,7 +60,7 @@ class VLMPrompt:
     DESCRIPTION = ("Asks the vision-language model what the zoomed input shows, looking at the previous "
                    "scale too (CoZ's multi-scale prompt). Output: the prompt for CoZ SR Step "
                    "(one line per batch element).")
-    CATEGORY = CATEGORY
+    CATEGORY = STEPS
     FUNCTION = "describe"
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("prompt",)
@@ -99,7 +99,7 @@ class SRStep:
     DESCRIPTION = ("One super-resolution step: the SR model turns the zoomed input into a sharp image of "
                    "the same size, guided by a prompt (text, or CONDITIONING from CLIPTextEncode with "
                    "SD3's text encoders).")
-    CATEGORY = CATEGORY
+    CATEGORY = STEPS
     FUNCTION = "upscale"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
@@ -141,8 +141,8 @@ class SRStep:
 class ColorFix:
     DESCRIPTION = ("Aligns the colours of an SR result to its input, against the colour drift that "
                    "builds up over zoom steps: wavelet (keeps the input's low frequencies), AdaIN "
-                   "(matches channel mean and spread), and the other registered methods.")
-    CATEGORY = CATEGORY
+                   "(matches channel mean and spread) or bilateral (edge-aware).")
+    CATEGORY = STEPS
     FUNCTION = "fix"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
@@ -157,7 +157,9 @@ class ColorFix:
                                                    "resized to the result's size if needed."}),
                 "method": (list(COLOR_METHODS), {"default": "wavelet", "tooltip":
                                                  "wavelet: detail of the result over the colour of the input; "
-                                                 "adain: per-channel mean and spread; none: unchanged."}),
+                                                 "adain: per-channel mean and spread; bilateral: the input's "
+                                                 "low frequencies carried along the result's own edges "
+                                                 "(edge-aware, slower); none: unchanged."}),
             },
         }
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ..coz_core.upsample import fit_kernels, fixed_kernels
 from . import host
-from .common import CATEGORY, image_in, image_out
+from .common import UPSCALING, empty_image, empty_latent, empty_mask, image_in, image_out
 
 LATENT_CELL = 8  # pixels per latent cell of the VAEs the pack meets (SD, SDXL, SD3, Flux)
 
@@ -17,14 +17,14 @@ class BilateralUpsampler:
                    "following the guide's edges (Upsample Anything: per-pixel kernels fitted to the guide; "
                    "or classic fixed joint-bilateral kernels). E.g. carry a mask through a zoom: the crop "
                    "of the old mask, guided by the new SR image.")
-    CATEGORY = CATEGORY
+    CATEGORY = UPSCALING
     FUNCTION = "upsample"
     RETURN_TYPES = ("IMAGE", "MASK", "LATENT")
     RETURN_NAMES = ("image", "mask", "latent")
     OUTPUT_TOOLTIPS = (
-        "The image input at the guide's size (None when not given).",
-        "The mask input at the guide's size (None when not given).",
-        "The latent input on the guide's latent grid, 1/8 of its size (None when not given).",
+        "The image input at the guide's size (an empty batch when not given).",
+        "The mask input at the guide's size (an empty batch when not given).",
+        "The latent input on the guide's latent grid, 1/8 of its size (an empty batch when not given).",
     )
 
     @classmethod
@@ -60,7 +60,9 @@ class BilateralUpsampler:
                     fitted[key] = fixed_kernels(guide_hr, lr_size=key[1])
             return fitted[key].apply(signal.float().to(device), kind=kind)
 
-        out_image = out_mask = out_latent = None
+        hg, wg = guide_t.shape[-2], guide_t.shape[-1]  # unconnected inputs give empty outputs, never None
+        out_image, out_mask = empty_image(hg, wg), empty_mask(hg, wg)
+        out_latent = empty_latent(hg // LATENT_CELL, wg // LATENT_CELL)
         if image is not None:
             out_image = image_out(lift(image_in(image), "features", guide_t))
         if mask is not None:

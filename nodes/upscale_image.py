@@ -10,7 +10,7 @@ from ..coz_core.color import COLOR_METHODS
 from ..coz_core.prompt.base import FixedPrompts
 from ..coz_core.upscale_image import BLENDS, PROMPT_BATCH, PROMPT_TOKENS, UpscaleConfig, is_sd3, upscale_image
 from . import host
-from .common import CATEGORY, SR_MODEL, VLM, image_in
+from .common import UPSCALING, SR_MODEL, VLM, image_in
 
 FACTORS = ["2", "4", "8", "16"]
 
@@ -26,7 +26,7 @@ class UpscaleImage:
                    "With CoZ's SD3 model every tile gets its own prompt (from the VLM, which sees the whole "
                    "picture and the tile) and one diffusion step; with an upscale model such as the embedded "
                    "Real-ESRGAN it is a seam-free tiled upscale of any size.")
-    CATEGORY = CATEGORY
+    CATEGORY = UPSCALING
     FUNCTION = "upscale"
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("image", "prompts")

@@ -6,7 +6,7 @@ import torch
 from ..coz_core import factory, policy
 from ..coz_core.sr.realesrgan import DEFAULT_MODEL, EMBEDDED_MODELS
 from . import host
-from .common import CATEGORY, SR_MODEL
+from .common import LOADERS, PRECISION_TOOLTIP, SR_MODEL
 
 TILE = ("INT", {"default": policy.TILE, "min": 0, "max": 4096, "step": 16, "tooltip":
                 "Largest input processed at once, in pixels per side (0 = never tile). Smaller saves memory."})
@@ -16,7 +16,7 @@ class LoadRealESRGAN:
     DESCRIPTION = ("The Real-ESRGAN x4 model that ships with the pack (no download): a fast SR backbone "
                    "for the chain on any machine. It is converted once into models/upscale_models, where "
                    "ComfyUI's Load Upscale Model finds it too.")
-    CATEGORY = CATEGORY
+    CATEGORY = LOADERS
     FUNCTION = "load"
     RETURN_TYPES = (SR_MODEL,)
     RETURN_NAMES = ("sr_model",)
@@ -29,8 +29,7 @@ class LoadRealESRGAN:
         return {
             "required": {
                 "model": (names, {"default": DEFAULT_MODEL, "tooltip": tips}),
-                "precision": (list(policy.PRECISIONS), {"default": "auto", "tooltip":
-                                                      "Weight precision; auto picks what the device runs well."}),
+                "precision": (list(policy.PRECISIONS), {"default": "auto", "tooltip": PRECISION_TOOLTIP}),
                 "tile": TILE,
             },
         }
@@ -46,7 +45,7 @@ class UpscaleModelToSR:
     DESCRIPTION = ("Turns ComfyUI's UPSCALE_MODEL (from Load Upscale Model: ESRGAN, SwinIR, HAT, ...) into "
                    "an SR backbone of the chain. The model magnifies the crop by its own factor; the result "
                    "is resized to the process size when the zoom differs.")
-    CATEGORY = CATEGORY
+    CATEGORY = LOADERS
     FUNCTION = "adapt"
     RETURN_TYPES = (SR_MODEL,)
     RETURN_NAMES = ("sr_model",)

@@ -5,7 +5,7 @@ import torch
 
 from ..coz_core.video import VideoConfig, ZoomVideo
 from . import host
-from .common import CATEGORY, ZOOM_BOXES, image_in
+from .common import VIDEO, ZOOM_BOXES, image_in
 
 DIRECTIONS = {"zoom_in": "in", "zoom_out": "out", "ping_pong": "pingpong"}
 CHUNK = 16  # frames rendered per progress update
@@ -16,7 +16,7 @@ class ZoomVideoNode:
                    "sharpest scale that covers it, the next scale fades in softly where it takes over, and "
                    "the zoom runs at a steady perceived speed with easing at both ends. Returns the frames "
                    "as an IMAGE batch for Create Video -> Save Video (or any video combine node).")
-    CATEGORY = CATEGORY
+    CATEGORY = VIDEO
     FUNCTION = "render"
     RETURN_TYPES = ("IMAGE", "FLOAT")
     RETURN_NAMES = ("frames", "fps")

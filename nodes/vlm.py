@@ -12,7 +12,7 @@ from __future__ import annotations
 from ..coz_core import factory, policy
 from ..coz_core.prompt.base import describe_prompts
 from . import host
-from .common import CATEGORY, VLM
+from .common import LOADERS, PRECISION_TOOLTIP, VLM
 
 NONE = "none"
 
@@ -21,7 +21,7 @@ class LoadVLM:
     DESCRIPTION = ("Loads the vision-language model that writes CoZ's prompts: a Qwen2.5-VL folder in "
                    "models/LLM (e.g. Qwen2.5-VL-3B-Instruct), with CoZ's GRPO prompt adapter (prompt type vlm, "
                    "as in the paper) or without (vlm_base).")
-    CATEGORY = CATEGORY
+    CATEGORY = LOADERS
     FUNCTION = "load"
     RETURN_TYPES = (VLM, "STRING")
     RETURN_NAMES = ("vlm", "info")
@@ -41,8 +41,7 @@ class LoadVLM:
                                                         "into models/LLM): prompt type vlm, as in the paper; or another "
                                                         "PEFT LoRA folder there. Merged in completely (for either "
                                                         "transformers layout) or refused. none: plain Qwen (vlm_base)."}),
-                "precision": (list(policy.PRECISIONS), {"default": "auto", "tooltip":
-                                                      "Weights; auto: bf16/fp16 on GPUs, fp32 on the CPU."}),
+                "precision": (list(policy.PRECISIONS), {"default": "auto", "tooltip": PRECISION_TOOLTIP}),
                 "max_new_tokens": ("INT", {"default": policy.VLM_TOKENS, "min": 8, "max": 1024, "tooltip":
                                            "Longest answer in tokens (CoZ's current code: 32; its first "
                                            "release: 128). Longer answers cost time on every step."}),

@@ -83,7 +83,9 @@ def test_load_image_kinds(tmp_path):
 
     rgba = np.concatenate([rgb, np.full((20, 30, 1), 7, np.uint8)], -1)
     Image.fromarray(rgba).save(tmp_path / "rgba.png")
-    np.testing.assert_allclose(load_image(tmp_path / "rgba.png")[0].permute(1, 2, 0).numpy(), rgb / 255, atol=1e-6)
+    # transparency composited on white: the colour stored under it is not shown as if opaque
+    on_white = rgb / 255 * (7 / 255) + (1 - 7 / 255)
+    np.testing.assert_allclose(load_image(tmp_path / "rgba.png")[0].permute(1, 2, 0).numpy(), on_white, atol=1e-6)
 
     deep = rng.integers(0, 65536, (20, 30), dtype=np.uint16)
     Image.fromarray(deep).save(tmp_path / "deep.png")

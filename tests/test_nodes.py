@@ -53,7 +53,7 @@ def test_every_node_is_documented_and_typed():
     assert set(NODES) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
     for key, cls in NODES.items():
         assert key.startswith("CoZ") and pack.NODE_DISPLAY_NAME_MAPPINGS[key].startswith("CoZ ")
-        assert cls.CATEGORY == "CoZ" and len(cls.DESCRIPTION) > 40
+        assert cls.CATEGORY.startswith("CoZ/") and len(cls.DESCRIPTION) > 40
         assert callable(getattr(cls, cls.FUNCTION))
         assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
         spec = cls.INPUT_TYPES()
@@ -173,11 +173,16 @@ def test_zoom_chain_without_model_and_its_progress():
         NODES["CoZZoomChain"]().zoom(bhwc(photo()), **chain_inputs())
 
 
-def test_zoom_chain_stops_when_cancelled():
+def test_zoom_chain_stops_when_cancelled_and_keeps_the_finished_scales():
     sr = LanczosSR(on_call=lambda n: host.request_cancel() if n == 2 else None)
-    with pytest.raises(host.Cancelled):
-        NODES["CoZZoomChain"]().zoom(bhwc(photo()), **chain_inputs(steps=6), sr_model=sr)
+    node = NODES["CoZZoomChain"]
+    before = node.IS_CHANGED()
+    final, scales, prompts, boxes, _ = node().zoom(bhwc(photo()), **chain_inputs(steps=6), sr_model=sr)
     assert len(sr.requests) == 2  # stopped before step 3
+    assert scales.shape[0] == 3 and torch.equal(final, scales[2:])  # scales 0, 1, 2
+    assert len(boxes) == 3
+    assert prompts.splitlines()[-1] == "# cancelled: 2 of 6 steps done, these scales are returned"
+    assert node.IS_CHANGED() != before  # ComfyUI's cache will not hand the partial result out again
 
 
 def test_host_fallbacks(tmp_path, monkeypatch):

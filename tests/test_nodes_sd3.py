@@ -43,7 +43,8 @@ def models(tmp_path_factory):
 def test_loader_lists_the_model_folders(models):
     spec = NODES["CoZLoadSD3"].INPUT_TYPES()["required"]
     assert spec["sd3"][0] == ["diffusers/sd3-tiny"]
-    assert spec["coz_lora"][0] == ["none", "model_20001.pkl", "vae_encoder_20001.pt"]
+    assert spec["coz_lora"][0] == ["none", "model_20001.pkl"]  # each list offers its own kind
+    assert spec["coz_vae_encoder"][0] == ["none", "vae_encoder_20001.pt"]
     assert spec["t5"][0] == [OWN, "clip_g.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"]
 
 

@@ -22,7 +22,8 @@ def test_fixed_kernels_equal_coz_core_for_every_input():
     ref_mask = guided_upsample(mask[:, None], guide, "fixed", kind="mask")[:, 0]
     assert torch.allclose(up_mask, ref_mask, atol=1e-6) and up_mask.shape == (1, 32, 32)
     assert up_latent["samples"].shape == (1, 4, 4, 4) and up_latent["batch_index"] == [0]
-    assert NODE().upsample(bhwc(guide), "fixed", 10) == (None, None, None)
+    empty = NODE().upsample(bhwc(guide), "fixed", 10)  # unconnected: empty batches, never None
+    assert [t.shape for t in (empty[0], empty[1], empty[2]["samples"])] == [(0, 32, 32, 3), (0, 32, 32), (0, 4, 4, 4)]
 
 
 def test_learned_kernels_fit_under_inference_mode():

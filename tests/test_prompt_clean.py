@@ -75,4 +75,4 @@ def test_empty_result_falls_back_to_the_user_prompt():
 def test_clip_estimate_counts_punctuation_digits_and_long_words():
     assert estimate_clip_tokens("cat, dog") == 3
     assert estimate_clip_tokens("2024") == 4
-    assert estimate_clip_tokens("photorealistic") == 2
+    assert estimate_clip_tokens("photorealistic") == 5  # CLIP: 2; never fewer than CLIP's count
