@@ -69,6 +69,48 @@ MODE_HELP = ("recursive_multiscale: CoZ, each step's prompt sees the previous sc
              "on the crop of scale 0 (the paper's baseline); bicubic, nearest: no model")
 
 
+def add_model_arguments(p: argparse.ArgumentParser, unit: str, tokens: int, texts_flag: str, texts_help: str) -> None:
+    """The backbone, precision, device and prompt options shared by coz-zoom, coz-upscale and
+    coz-eval (``unit``: what gets a prompt, "step" or "tile"; ``texts_flag``: the option of the
+    fixed per-unit prompts, stored as ``step_prompts``)."""
+    p.add_argument("--backbone", default="x4plus",
+                   help="embedded Real-ESRGAN name (x4plus, x4plus_anime, animevideov3) or a "
+                   "Real-ESRGAN .safetensors/.pth file (default x4plus)")
+    p.add_argument("--prompt", default="", help=f"user prompt appended to every {unit}'s prompt")
+    p.add_argument("--precision", default="auto", choices=policy.SD3_PRESETS,
+                   help="model precision (auto: bf16 where the device runs it well, else fp32). SD3 presets: "
+                   "auto keeps the VAE in fp32 as the reference; reference: upstream's own precision bit for "
+                   "bit, slower; fast: bf16 VAE, compiled; compact: fast with fp8 transformer and T5; "
+                   "lowvram: compact, the VLM and SD3 take turns on the GPU")
+    p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N, mps (default: first CUDA GPU, else CPU)")
+    p.add_argument("--seed", type=int, default=42, help="seed for sampling backbones (default 42, as the reference)")
+
+    sd3 = p.add_argument_group("CoZ one-step SD3 backbone (replaces --backbone)")
+    sd3.add_argument("--sd3", type=Path, help="SD3 medium: a diffusers folder or sd3_medium*.safetensors")
+    sd3.add_argument("--coz-lora", type=Path, help="CoZ SR LoRA: model_20001.pkl or its .safetensors")
+    sd3.add_argument("--coz-vae", type=Path, help="CoZ VAE encoder: vae_encoder_20001.pt or its .safetensors")
+    sd3.add_argument("--clip-l", type=Path, help="CLIP-L file (single-file SD3 without clips)")
+    sd3.add_argument("--clip-g", type=Path, help="CLIP-G file")
+    sd3.add_argument("--t5", type=Path, help="T5-XXL file (optional)")
+    sd3.add_argument("--no-t5", action="store_true", help="leave T5 out (saves ~10 GB; SD3's zero path)")
+    sd3.add_argument("--tokenizers", type=Path,
+                     help="tokenizer folder for single-file checkpoints (a diffusers SD3 folder)")
+    sd3.add_argument("--latent", choices=["sample", "mean"], default="sample",
+                     help="sample the VAE latent with --seed as the reference does, or take its mean")
+
+    vlm = p.add_argument_group("VLM prompts (Qwen2.5-VL)")
+    vlm.add_argument("--vlm", type=Path, help=f"a Qwen2.5-VL-Instruct folder: writes each {unit}'s prompt")
+    vlm.add_argument("--vlm-adapter", type=Path,
+                     help="CoZ's GRPO prompt adapter folder (ckpt/VLM_LoRA/checkpoint-10000) or another PEFT LoRA "
+                     "folder, merged into the VLM")
+    vlm.add_argument("--prompt-type", choices=factory.PROMPT_TYPES, default=None,
+                     help="vlm: --vlm with the GRPO --vlm-adapter (CoZ's paper); vlm_base: plain --vlm; fixed: "
+                     f"{texts_flag}; none: --prompt alone. Default: what the options given make")
+    vlm.add_argument("--vlm-tokens", type=int, default=tokens,
+                     help=f"max new tokens per prompt (default {tokens}, as CoZ's current code)")
+    vlm.add_argument(texts_flag, dest="step_prompts", default=None, help=texts_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="coz-zoom",
@@ -90,16 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--color", choices=sorted(COLOR_METHODS), default="wavelet",
                    help="colour alignment after each SR step: wavelet (default), adain, bilateral "
                    "(edge-aware) or none (the reference)")
-    p.add_argument("--backbone", default="x4plus",
-                   help="embedded Real-ESRGAN name (x4plus, x4plus_anime, animevideov3) or a "
-                   "Real-ESRGAN .safetensors/.pth file (default x4plus)")
-    p.add_argument("--prompt", default="", help="user prompt appended to every step's prompt")
-    p.add_argument("--precision", default="auto", choices=policy.SD3_PRESETS,
-                   help="model precision (auto: bf16 where the device runs it well, else fp32; for SD3 "
-                   "a preset: auto keeps the VAE in fp32 as the reference; reference (SD3 only): "
-                   "upstream's own precision bit for bit, slower)")
-    p.add_argument("--device", default=None, help="torch device (default: first CUDA GPU, else CPU)")
-    p.add_argument("--seed", type=int, default=42, help="seed for sampling backbones (default 42, as the reference)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing result folders in OUT as a whole (default: refuse)")
@@ -107,32 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read images above Pillow's pixel limit (a guard against decompression bombs); "
                    "they are reduced while read, since scale 0 needs only a downscaled copy")
 
-    sd3 = p.add_argument_group("CoZ one-step SD3 backbone (replaces --backbone)")
-    sd3.add_argument("--sd3", type=Path, help="SD3 medium: a diffusers folder or sd3_medium*.safetensors")
-    sd3.add_argument("--coz-lora", type=Path, help="CoZ SR LoRA: model_20001.pkl or its .safetensors")
-    sd3.add_argument("--coz-vae", type=Path, help="CoZ VAE encoder: vae_encoder_20001.pt or its .safetensors")
-    sd3.add_argument("--clip-l", type=Path, help="CLIP-L file (single-file SD3 without clips)")
-    sd3.add_argument("--clip-g", type=Path, help="CLIP-G file")
-    sd3.add_argument("--t5", type=Path, help="T5-XXL file (optional)")
-    sd3.add_argument("--no-t5", action="store_true", help="leave T5 out (saves ~10 GB; SD3's zero path)")
-    sd3.add_argument("--tokenizers", type=Path,
-                     help="tokenizer folder for single-file checkpoints (a diffusers SD3 folder)")
-    sd3.add_argument("--latent", choices=["sample", "mean"], default="sample",
-                     help="sample the VAE latent with --seed as the reference does, or take its mean")
-
-    vlm = p.add_argument_group("VLM prompts (Qwen2.5-VL)")
-    vlm.add_argument("--vlm", type=Path, help="a Qwen2.5-VL-Instruct folder: writes each step's prompt")
-    vlm.add_argument("--vlm-adapter", type=Path,
-                     help="CoZ's GRPO prompt adapter folder (ckpt/VLM_LoRA/checkpoint-10000) or another PEFT LoRA "
-                     "folder, merged into the VLM")
-    vlm.add_argument("--prompt-type", choices=factory.PROMPT_TYPES, default=None,
-                     help="vlm: --vlm with the GRPO --vlm-adapter (CoZ's paper); vlm_base: plain --vlm; fixed: "
-                     "--step-prompts; none: --prompt alone. Default: what the options given make")
-    vlm.add_argument("--vlm-tokens", type=int, default=policy.VLM_TOKENS,
-                     help=f"max new tokens per prompt (default {policy.VLM_TOKENS}, as CoZ's current code; "
-                     "its first release used 128)")
-    vlm.add_argument("--step-prompts", default=None,
-                     help="without --vlm: prompts per step separated by '|' (the last repeats)")
+    add_model_arguments(p, "step", policy.VLM_TOKENS, "--step-prompts",
+                        "without --vlm: prompts per step separated by '|' (the last repeats)")
 
     video = p.add_argument_group("zoom video (encoded with PyAV, no ffmpeg program needed)")
     video.add_argument("--video", type=Path, default=None,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, factory, policy
-from .cli import build_backbone, build_prompt_source, collect_inputs, step_texts
+from .cli import add_model_arguments, build_backbone, build_prompt_source, collect_inputs, step_texts
 from .color import COLOR_METHODS
 from .imageops import _read_array, save_image
 from .upscale_image import (
@@ -44,41 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tile weights: raised cosine over the overlap (default) or upstream's Gaussian")
     p.add_argument("--color", choices=sorted(COLOR_METHODS), default="wavelet",
                    help="colour alignment of every tile to the enlarged input (default wavelet)")
-    p.add_argument("--backbone", default="x4plus",
-                   help="embedded Real-ESRGAN name (x4plus, x4plus_anime, animevideov3) or a "
-                   "Real-ESRGAN .safetensors/.pth file (default x4plus)")
-    p.add_argument("--prompt", default="", help="user prompt appended to every tile's prompt")
-    p.add_argument("--precision", default="auto", choices=list(policy.PRECISIONS))
-    p.add_argument("--device", default=None, help="torch device (default: first CUDA GPU, else CPU)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the latent sample (default 42)")
     p.add_argument("--memory-limit", type=float, default=None,
                    help="GB the image buffers may take (default: the memory available now)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    sd3 = p.add_argument_group("CoZ one-step SD3 backbone (replaces --backbone)")
-    sd3.add_argument("--sd3", type=Path, help="SD3 medium: a diffusers folder or sd3_medium*.safetensors")
-    sd3.add_argument("--coz-lora", type=Path, help="CoZ SR LoRA: model_20001.pkl or its .safetensors")
-    sd3.add_argument("--coz-vae", type=Path, help="CoZ VAE encoder: vae_encoder_20001.pt or its .safetensors")
-    sd3.add_argument("--clip-l", type=Path, help="CLIP-L file (single-file SD3 without clips)")
-    sd3.add_argument("--clip-g", type=Path, help="CLIP-G file")
-    sd3.add_argument("--t5", type=Path, help="T5-XXL file (optional)")
-    sd3.add_argument("--no-t5", action="store_true", help="leave T5 out (SD3's zero path)")
-    sd3.add_argument("--tokenizers", type=Path, help="tokenizer folder for single-file checkpoints")
-    sd3.add_argument("--latent", choices=["sample", "mean"], default="sample",
-                     help="sample the VAE latent with --seed as the reference does, or take its mean")
-
-    vlm = p.add_argument_group("tile prompts")
-    vlm.add_argument("--vlm", type=Path, help="a Qwen2.5-VL-Instruct folder: writes every tile's prompt")
-    vlm.add_argument("--vlm-adapter", type=Path, help="a PEFT LoRA folder for the VLM (e.g. CoZ's GRPO adapter)")
-    vlm.add_argument("--prompt-type", choices=factory.PROMPT_TYPES, default=None,
-                     help="vlm: --vlm with the GRPO --vlm-adapter; vlm_base: plain --vlm; fixed: --tile-prompts; "
-                     "none: --prompt alone. Default: what the options given make")
-    vlm.add_argument("--vlm-tokens", type=int, default=PROMPT_TOKENS,
-                     help=f"max new tokens per tile prompt (default {PROMPT_TOKENS}, as upstream)")
-    vlm.add_argument("--vlm-batch", type=int, default=PROMPT_BATCH,
-                     help=f"tile prompts the VLM writes at once (default {PROMPT_BATCH}; halved when memory runs out)")
-    vlm.add_argument("--tile-prompts", dest="step_prompts", default=None,
-                     help="without --vlm: prompts per tile in raster order separated by '|' (the last repeats)")
+    add_model_arguments(p, "tile", PROMPT_TOKENS, "--tile-prompts",
+                        "without --vlm: prompts per tile in raster order separated by '|' (the last repeats)")
+    p.add_argument("--vlm-batch", type=int, default=PROMPT_BATCH,
+                   help=f"tile prompts the VLM writes at once (default {PROMPT_BATCH}; halved when memory runs out)")
     return p
 
 

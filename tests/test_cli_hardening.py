@@ -36,7 +36,7 @@ def no_model(monkeypatch):
     (["--center", "2,0.5"], "centre"),
     (["--device", "banana"], "unknown device"),
     (["--device", "cuda"], "not available here"),
-    (["--vlm", "nowhere/Qwen"], "--vlm nowhere/Qwen: no such"),
+    (["--vlm", "nowhere/Qwen"], "Qwen2.5-VL folder not found: nowhere/Qwen"),
     (["--sd3", "missing.safetensors"], "--sd3 missing.safetensors: no such"),
 ])
 def test_bad_settings_are_refused_before_any_model(tmp_path, capsys, no_model, args, message):
