@@ -48,29 +48,40 @@ class BilateralUpsampler:
     def upsample(self, guide, kernels, fit_steps, image=None, mask=None, latent=None):
         device = host.torch_device()
         guide_t = image_in(guide).to(device)
-        fitted: dict[tuple, object] = {}  # one fit per (guide size, low-res size)
-
-        def lift(signal: torch.Tensor, kind: str, guide_hr: torch.Tensor) -> torch.Tensor:
+        signals = []  # (signal [B, C, h, w], kind, guide it follows)
+        if image is not None:
+            signals.append((image_in(image), "features", guide_t))
+        if mask is not None:
+            m = mask.unsqueeze(0) if mask.ndim == 2 else mask
+            signals.append((m[:, None], "mask", guide_t))
+        if latent is not None:
+            h, w = guide_t.shape[-2] // LATENT_CELL, guide_t.shape[-1] // LATENT_CELL
+            signals.append((latent["samples"], "latent", F.interpolate(guide_t, size=(h, w), mode="area")))
+        # one fit per (guide size, low-res size); the bar advances per fitting step
+        keys = list(dict.fromkeys((tuple(g.shape[-2:]), tuple(s.shape[-2:])) for s, _, g in signals))
+        steps = int(fit_steps)
+        progress = host.Progress(len(keys) * steps) if kernels == "learned" and keys else None
+        fitted: dict[tuple, object] = {}
+        outs = []
+        for signal, kind, guide_hr in signals:
             key = (tuple(guide_hr.shape[-2:]), tuple(signal.shape[-2:]))
             if key not in fitted:
                 host.throw_if_cancelled()
-                if kernels == "learned":
-                    fitted[key] = fit_kernels(guide_hr, lr_size=key[1], steps=int(fit_steps))
-                else:
+                if progress is None:
                     fitted[key] = fixed_kernels(guide_hr, lr_size=key[1])
-            return fitted[key].apply(signal.float().to(device), kind=kind)
-
+                else:
+                    done = len(fitted) * steps
+                    fitted[key] = fit_kernels(guide_hr, lr_size=key[1], steps=steps,
+                                              callback=lambda step, _total, _loss: progress.update(done + step))
+                    progress.update(done + steps)  # an early stop skips the rest of this fit
+            outs.append(fitted[key].apply(signal.float().to(device), kind=kind))
         out_image = out_mask = out_latent = None
         if image is not None:
-            out_image = image_out(lift(image_in(image), "features", guide_t))
+            out_image = image_out(outs.pop(0))
         if mask is not None:
-            m = mask.unsqueeze(0) if mask.ndim == 2 else mask
-            out_mask = lift(m[:, None], "mask", guide_t)[:, 0].cpu()
+            out_mask = outs.pop(0)[:, 0].cpu()
         if latent is not None:
-            h, w = guide_t.shape[-2] // LATENT_CELL, guide_t.shape[-1] // LATENT_CELL
-            guide_lat = F.interpolate(guide_t, size=(h, w), mode="area")
-            samples = lift(latent["samples"], "latent", guide_lat).to(latent["samples"].dtype).cpu()
-            out_latent = {**latent, "samples": samples}
+            out_latent = {**latent, "samples": outs.pop(0).to(latent["samples"].dtype).cpu()}
         return out_image, out_mask, out_latent
 
 
