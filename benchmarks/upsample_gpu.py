@@ -15,8 +15,9 @@ early when the loss stalls.
 
 The reference is imported from ``$UPSAMPLE_ANYTHING_PATH`` (default ``.ref/upsample_anything``,
 relative to the working directory or the repository; a copy of its ``src/``); without it its
-rows are skipped. On a CPU (``tiny=True``: small sizes for CI) its ``.cuda()`` calls are
-redirected to the CPU and its autocast disables itself; its code is otherwise run as it is.
+rows are skipped. The reference runs on CUDA only (its ``UPA`` calls ``.cuda()``); with
+``UPSAMPLE_ANYTHING_CPU=1`` its ``.cuda()`` calls are redirected to the CPU (its autocast then
+disables itself; minutes even at the tiny sizes), to check this script without a GPU.
 
     python benchmarks/upsample_gpu.py [--tiny] [--device cuda]
 """
@@ -179,8 +180,9 @@ def measure(device: torch.device, tiny: bool) -> list[tuple[str, str]]:
             except Exception as exc:  # noqa: BLE001
                 traceback.print_exc()
                 add(label, f"error: {type(exc).__name__}: {exc}")
-        if ref is None:
-            add(f"{name}: reference", "skipped (reference absent)")
+        if ref is None or (device.type != "cuda" and os.environ.get("UPSAMPLE_ANYTHING_CPU") != "1"):
+            add(f"{name}: reference", "skipped: " + ("reference absent" if ref is None else
+                                                     "it runs on CUDA only (UPSAMPLE_ANYTHING_CPU=1 forces it)"))
             continue
         try:
             with _on_cpu(device):

@@ -132,32 +132,59 @@ class BilateralKernels:
 
 def fit_kernels(guide_hr: torch.Tensor, lr_size: tuple[int, int] | None = None,
                 scale: float | tuple[float, float] | None = None, steps: int = 50, lr: float = 0.1,
-                init_sigma: float = 16.0, init_sigma_r: float = 0.12, truncate: float = 3.0,
+                init_sigma: float | None = None, init_sigma_r: float = 0.12, truncate: float = 3.0,
                 radius_max: int = 8, tol: float = 1e-3, patience: int = 5,
-                callback: StepCallback | None = None, path: str = "auto") -> BilateralKernels:
+                callback: StepCallback | None = None, path: str = "auto",
+                fit_side: int | None = None) -> BilateralKernels:
     """Fit per-cell kernels to ``guide_hr`` [B, Cg, H, W] on the LR grid ``lr_size`` (h, w), or
     on (round(H / scale), round(W / scale)).
 
     Up to ``steps`` Adam steps; stops early once the loss has improved by less than ``tol``
     (relative) over the last ``patience`` steps. Guides of any channel count and value range
-    work; sigma_r is in guide units (0.12 suits 0..1 images). ``callback(step, steps, loss)``
-    runs after every step (progress; it may raise to abort, or return True to end the fit with
-    the kernels fitted so far). ``path``: see ``pick_path``.
+    work; sigma_r is in guide units (0.12 suits 0..1 images). ``init_sigma`` (HR pixels)
+    defaults to the reference's 16 capped at two LR cells (at x4 an 8 px start fitted better
+    and its smaller window is cheaper). ``callback(step, steps, loss)`` runs after every step
+    (progress; it may raise to abort, or return True to end the fit with the kernels fitted so
+    far). ``path``: see ``pick_path``. ``fit_side``: fit on the guide resized (antialiased) so
+    its longer side is at most this many pixels, on the same LR grid, and scale the sigmas back
+    (the fit's cost is proportional to the guide's pixels; None: the full guide).
     """
+    guide = _check_guide(guide_hr)
+    size = _lr_size(guide, lr_size, scale)
+    hr = guide.shape[-2:]
+    if init_sigma is None:
+        init_sigma = min(16.0, 2.0 * max(hr[0] / size[0], hr[1] / size[1]))
     # the small LR parameter maps go through autograd; ComfyUI runs nodes in inference mode
     with torch.inference_mode(False), torch.enable_grad():
-        return _fit(guide_hr, lr_size, scale, steps, lr, init_sigma, init_sigma_r, truncate,
-                    radius_max, tol, patience, callback, path)
+        factor = _fit_factor(hr, size, fit_side)
+        if factor == 1.0:
+            return _fit(guide, size, steps, lr, init_sigma, init_sigma_r, truncate, radius_max, tol,
+                        patience, callback, path)
+        small_size = (max(size[0], round(hr[0] / factor)), max(size[1], round(hr[1] / factor)))
+        small = F.interpolate(guide, size=small_size, mode="bilinear", antialias=True, align_corners=False)
+        factor = math.sqrt(hr[0] / small_size[0] * hr[1] / small_size[1])  # as rounded
+        k = _fit(small, size, steps, lr, init_sigma / factor, init_sigma_r, truncate, radius_max, tol,
+                 patience, callback, path)
+    return BilateralKernels(k.sigma_x * factor, k.sigma_y * factor, k.theta, k.sigma_r, guide,
+                            _range_guide(guide, size), truncate, radius_max, k.losses)
 
 
-def _fit(guide_hr, lr_size, scale, steps, lr, init_sigma, init_sigma_r, truncate, radius_max,
-         tol, patience, callback, path) -> BilateralKernels:
-    guide = _check_guide(guide_hr)
+def _fit_factor(hr, size, fit_side: int | None) -> float:
+    """How much to shrink the guide for the fit: to ``fit_side`` on its longer side, never below
+    the LR grid."""
+    if fit_side is None or max(hr) <= fit_side:
+        return 1.0
+    if fit_side < 1:
+        raise ValueError(f"fit_side must be a positive number of pixels, got {fit_side}")
+    return max(1.0, min(max(hr) / fit_side, hr[0] / size[0], hr[1] / size[1]))
+
+
+def _fit(guide, size, steps, lr, init_sigma, init_sigma_r, truncate, radius_max, tol, patience,
+         callback, path) -> BilateralKernels:
     if guide.is_inference():  # made under inference mode: a normal copy
         guide = guide.clone()
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    size = _lr_size(guide, lr_size, scale)
     grid = Grid.build(guide.shape[-2:], size)
     target_lr = F.interpolate(guide, size=size, mode="bicubic", align_corners=False)
     guide_lr = _range_guide(guide, size)
@@ -178,6 +205,7 @@ def _fit(guide_hr, lr_size, scale, steps, lr, init_sigma, init_sigma_r, truncate
     else:
         step = _banded_fit_step(grid, offsets, guide, guide_lr, target_lr, b, cache)
     count = b * guide.shape[1] * guide.shape[-2] * guide.shape[-1]
+    negligible = 1e-6 * float(guide.abs().mean())  # float rounding: nothing left to fit
     losses: list[float] = []
     for n in range(steps):
         sx, sy, theta, sr = _maps(raw)
@@ -192,7 +220,8 @@ def _fit(guide_hr, lr_size, scale, steps, lr, init_sigma, init_sigma_r, truncate
         for group in opt.param_groups:
             group["lr"] *= decay
         stop = callback is not None and callback(n + 1, steps, losses[-1])
-        if stop or len(losses) > patience and losses[-1] >= losses[-1 - patience] * (1.0 - tol):
+        stalled = len(losses) > patience and losses[-1] >= losses[-1 - patience] * (1.0 - tol)
+        if stop or stalled or losses[-1] <= negligible:
             break
     sx, sy, theta, sr = (m.detach() for m in _maps(raw))
     return BilateralKernels(sx, sy, theta, sr, guide, guide_lr, truncate, radius_max, losses)
