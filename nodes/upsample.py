@@ -10,6 +10,9 @@ from . import host
 from .common import CATEGORY, image_in, image_out
 
 LATENT_CELL = 8  # pixels per latent cell of the VAEs the pack meets (SD, SDXL, SD3, Flux)
+# On a CPU the learned kernels are fitted on the guide resized to this longer side (the fit's
+# cost grows with the guide's pixels; the kernels are then used at full size).
+CPU_FIT_SIDE = 256
 
 
 class BilateralUpsampler:
@@ -33,10 +36,17 @@ class BilateralUpsampler:
             "required": {
                 "guide": ("IMAGE", {"tooltip": "The high-resolution image whose edges the result follows."}),
                 "kernels": (["learned", "fixed"], {"default": "learned", "tooltip":
-                                                   "learned: kernels fitted to the guide (better edges, a few "
-                                                   "seconds); fixed: the same Gaussian everywhere (instant)."}),
+                                                   "learned: kernels fitted to the guide, one fit per step of "
+                                                   "'fit_steps' (better edges). On a CPU the fit runs on the guide "
+                                                   "resized to 256 px and costs about 2 to 6 s per step on a busy "
+                                                   "2-core CPU (1 to 5 minutes at 50 steps); a GPU is many times "
+                                                   "faster. The bar advances per step; Cancel stops within "
+                                                   "one step. fixed: the same Gaussian everywhere (no fit: a few "
+                                                   "seconds at most on a CPU)."}),
                 "fit_steps": ("INT", {"default": 50, "min": 1, "max": 500, "tooltip":
-                                      "Optimisation steps of the learned kernels (stops early when converged)."}),
+                                      "Optimisation steps of the learned kernels (stops early when converged). "
+                                      "The cost is proportional: 20 steps take 2/5 of the time of 50 and "
+                                      "reconstruct the guide about 0.8 dB worse."}),
             },
             "optional": {
                 "image": ("IMAGE", {"tooltip": "A low-resolution image to upsample."}),
@@ -61,6 +71,7 @@ class BilateralUpsampler:
         keys = list(dict.fromkeys((tuple(g.shape[-2:]), tuple(s.shape[-2:])) for s, _, g in signals))
         steps = int(fit_steps)
         progress = host.Progress(len(keys) * steps) if kernels == "learned" and keys else None
+        fit_side = CPU_FIT_SIDE if device.type == "cpu" else None
         fitted: dict[tuple, object] = {}
         outs = []
         for signal, kind, guide_hr in signals:
@@ -71,7 +82,7 @@ class BilateralUpsampler:
                     fitted[key] = fixed_kernels(guide_hr, lr_size=key[1])
                 else:
                     done = len(fitted) * steps
-                    fitted[key] = fit_kernels(guide_hr, lr_size=key[1], steps=steps,
+                    fitted[key] = fit_kernels(guide_hr, lr_size=key[1], steps=steps, fit_side=fit_side,
                                               callback=lambda step, _total, _loss: progress.update(done + step))
                     progress.update(done + steps)  # an early stop skips the rest of this fit
             outs.append(fitted[key].apply(signal.float().to(device), kind=kind))

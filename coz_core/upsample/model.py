@@ -20,6 +20,12 @@ cells, so it never trims below 8 cells at x4); any scale works, also non-integer
 different per axis; the range terms are computed once per fit and the gradient is written by
 hand; the fit stops early once the loss stalls. At the reference's 224 x 224, x4 test the
 fitted reconstruction is slightly better than the reference's (40.9 vs 40.8 dB).
+
+Two implementations of the same maths (``pick_path``): batched.py (all neighbour offsets of a
+band in a few large ops: ~30 per fitting step whatever the window; the default everywhere) and
+kernel.py (one offset at a time with small ops; kept as an option and as a second
+implementation for the tests). ``fit_kernels`` reports every step to a callback (progress,
+cancel) and can fit on a reduced copy of the guide (``fit_side``) to bound the cost on CPUs.
 """
 from __future__ import annotations
 
@@ -132,7 +138,7 @@ class BilateralKernels:
 
 def fit_kernels(guide_hr: torch.Tensor, lr_size: tuple[int, int] | None = None,
                 scale: float | tuple[float, float] | None = None, steps: int = 50, lr: float = 0.1,
-                init_sigma: float | None = None, init_sigma_r: float = 0.12, truncate: float = 3.0,
+                init_sigma: float = 16.0, init_sigma_r: float = 0.12, truncate: float = 3.0,
                 radius_max: int = 8, tol: float = 1e-3, patience: int = 5,
                 callback: StepCallback | None = None, path: str = "auto",
                 fit_side: int | None = None) -> BilateralKernels:
@@ -141,9 +147,8 @@ def fit_kernels(guide_hr: torch.Tensor, lr_size: tuple[int, int] | None = None,
 
     Up to ``steps`` Adam steps; stops early once the loss has improved by less than ``tol``
     (relative) over the last ``patience`` steps. Guides of any channel count and value range
-    work; sigma_r is in guide units (0.12 suits 0..1 images). ``init_sigma`` (HR pixels)
-    defaults to the reference's 16 capped at two LR cells (at x4 an 8 px start fitted better
-    and its smaller window is cheaper). ``callback(step, steps, loss)`` runs after every step
+    work; sigma_r is in guide units (0.12 suits 0..1 images), ``init_sigma`` in HR pixels.
+    ``callback(step, steps, loss)`` runs after every step
     (progress; it may raise to abort, or return True to end the fit with the kernels fitted so
     far). ``path``: see ``pick_path``. ``fit_side``: fit on the guide resized (antialiased) so
     its longer side is at most this many pixels, on the same LR grid, and scale the sigmas back
@@ -152,8 +157,6 @@ def fit_kernels(guide_hr: torch.Tensor, lr_size: tuple[int, int] | None = None,
     guide = _check_guide(guide_hr)
     size = _lr_size(guide, lr_size, scale)
     hr = guide.shape[-2:]
-    if init_sigma is None:
-        init_sigma = min(16.0, 2.0 * max(hr[0] / size[0], hr[1] / size[1]))
     # the small LR parameter maps go through autograd; ComfyUI runs nodes in inference mode
     with torch.inference_mode(False), torch.enable_grad():
         factor = _fit_factor(hr, size, fit_side)
