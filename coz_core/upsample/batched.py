@@ -68,8 +68,8 @@ class BatchedBand:
         wp = w + 2 * pad
         self.idx = ((ni + pad) * wp + (nj + pad)).to(dev)  # [n, w, K] into the padded maps
         # HR offsets of every slot from each neighbour's centre
-        ty = torch.stack([grid.y.offsets_from_centre(int(d), lo, hi) for d in dy], 1)  # [n, K, Ly]
-        tx = torch.stack([grid.x.offsets_from_centre(int(d), 0, w) for d in dx], 1)  # [w, K, Lx]
+        ty = grid.y.offsets_from_centres(dy, lo, hi).transpose(0, 1)  # [n, K, Ly]
+        tx = grid.x.offsets_from_centres(dx, 0, w).transpose(0, 1)  # [w, K, Lx]
         self.ty = ty.float()[:, None, :, :, None].contiguous().to(dev)  # [n, 1, K, Ly, 1]
         self.tx = tx.float()[:, :, None, :].contiguous().to(dev)  # [w, K, 1, Lx]
         self.ty2, self.tx2 = self.ty.square(), self.tx.square()

@@ -59,6 +59,12 @@ class Axis:
         centre = (cells + shift + 0.5) * self.scale - 0.5
         return self.index[lo:hi].double() - centre[:, None]
 
+    def offsets_from_centres(self, shifts: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """``offsets_from_centre`` for many shifts at once: [len(shifts), hi - lo, L] float64."""
+        cells = torch.arange(lo, hi, dtype=torch.float64)
+        centre = (cells[None] + shifts.double()[:, None] + 0.5) * self.scale - 0.5
+        return self.index[lo:hi].double()[None] - centre[..., None]
+
     def overlap(self, shift: int, lo: int, hi: int) -> tuple[int, int]:
         """Cells i in [lo, hi) whose neighbour i + shift exists: returns the (possibly empty)
         range."""
