@@ -36,8 +36,8 @@ class BilateralUpsampler:
             "required": {
                 "guide": ("IMAGE", {"tooltip": "The high-resolution image whose edges the result follows."}),
                 "kernels": (["learned", "fixed"], {"default": "learned", "tooltip":
-                                                   "learned: kernels fitted to the guide, one fit per step of "
-                                                   "'fit_steps' (better edges). On a CPU the fit runs on the guide "
+                                                   "learned: kernels fitted to the guide in 'fit_steps' "
+                                                   "optimisation steps (better edges). On a CPU the fit runs on the guide "
                                                    "resized to 256 px and costs about 2 to 6 s per step on a busy "
                                                    "2-core CPU (1 to 5 minutes at 50 steps); a GPU is many times "
                                                    "faster. The bar advances per step; Cancel stops within "

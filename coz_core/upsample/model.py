@@ -22,7 +22,8 @@ hand; the fit stops early once the loss stalls. At the reference's 224 x 224, x4
 fitted reconstruction is slightly better than the reference's (40.9 vs 40.8 dB).
 
 Two implementations of the same maths (``pick_path``): batched.py (all neighbour offsets of a
-band in a few large ops: ~30 per fitting step whatever the window; the default everywhere) and
+band in a few large ops, a fixed number per fitting step whatever the window; the default
+everywhere) and
 kernel.py (one offset at a time with small ops; kept as an option and as a second
 implementation for the tests). ``fit_kernels`` reports every step to a callback (progress,
 cancel) and can fit on a reduced copy of the guide (``fit_side``) to bound the cost on CPUs.
