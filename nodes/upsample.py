@@ -2,7 +2,6 @@
 along the guide's edges (coz_core.upsample: Upsample Anything's fitted kernels, or fixed ones)."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ..coz_core.upsample import fit_kernels, fixed_kernels
@@ -37,12 +36,12 @@ class BilateralUpsampler:
                 "guide": ("IMAGE", {"tooltip": "The high-resolution image whose edges the result follows."}),
                 "kernels": (["learned", "fixed"], {"default": "learned", "tooltip":
                                                    "learned: kernels fitted to the guide in 'fit_steps' "
-                                                   "optimisation steps (better edges). On a CPU the fit runs on the guide "
-                                                   "resized to 256 px and costs about 2 to 6 s per step on a busy "
-                                                   "2-core CPU (1 to 5 minutes at 50 steps); a GPU is many times "
-                                                   "faster. The bar advances per step; Cancel stops within "
-                                                   "one step. fixed: the same Gaussian everywhere (no fit: a few "
-                                                   "seconds at most on a CPU)."}),
+                                                   "optimisation steps (better edges). On a CPU the fit runs on "
+                                                   "the guide resized to 256 px and costs about 2 to 6 s per step "
+                                                   "on a busy 2-core CPU (1 to 5 minutes at 50 steps); a GPU is "
+                                                   "many times faster. The bar advances per step; Cancel stops "
+                                                   "within one step. fixed: the same Gaussian everywhere (no fit: "
+                                                   "a few seconds at most on a CPU)."}),
                 "fit_steps": ("INT", {"default": 50, "min": 1, "max": 500, "tooltip":
                                       "Optimisation steps of the learned kernels (stops early when converged). "
                                       "The cost is proportional: 20 steps take 2/5 of the time of 50 and "
