@@ -166,9 +166,10 @@ def interpolate(mode):
     return run
 
 
-def upsample_table(names: list[str], size: int, scales: list[int], steps: int, device: torch.device) -> None:
+def upsample_table(names: list[str], size: int, scales: list[int], steps: int, device: torch.device,
+                   path: str = "auto") -> None:
     print(f"\n## Guided upsampling, {size}x{size} photos: {', '.join(names)}; torch threads "
-          f"{torch.get_num_threads()}, device {device}")
+          f"{torch.get_num_threads()}, device {device}, path {path}")
     print(f"{'task':9s} {'scale':>5s} {'method':9s} {'quality':>20s} {'seconds':>8s} {'peak MB':>8s}")
     rows: dict[tuple, list] = {}
     for name in names:
@@ -184,14 +185,14 @@ def upsample_table(names: list[str], size: int, scales: list[int], steps: int, d
                                                 lr_size), "probabilities") for task in ("kmeans", "slic")},
                 "features": (F.adaptive_avg_pool2d(truths["features"], lr_size), "features"),
             }
-            learned, fit_s, fit_mb = measure(lambda: fit_kernels(hr, lr_size=lr_size, steps=steps), device)
+            learned, fit_s, fit_mb = measure(lambda: fit_kernels(hr, lr_size=lr_size, steps=steps, path=path), device)
             rows.setdefault(("fit", s, "learned"), []).append((float("nan"), fit_s, fit_mb, len(learned.losses)))
             fixed = fixed_kernels(hr, lr_size=lr_size)
             methods = {
                 "bilinear": interpolate("bilinear"),
                 "bicubic": interpolate("bicubic"),
-                "fixed": lambda sig, sz, kind: fixed.apply(sig, kind=kind),
-                "learned": lambda sig, sz, kind: learned.apply(sig, kind=kind),
+                "fixed": lambda sig, sz, kind: fixed.apply(sig, kind=kind, path=path),
+                "learned": lambda sig, sz, kind: learned.apply(sig, kind=kind, path=path),
             }
             for task, (signal, kind) in signals.items():
                 for method, run in methods.items():
@@ -275,12 +276,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-color", action="store_true")
+    ap.add_argument("--path", default="auto", choices=["auto", "banded", "batched"],
+                    help="the upsampler's implementation (coz_core.upsample.model.pick_path)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     with torch.no_grad():
-        upsample_table(args.images, args.size, args.scales, args.steps, device)
+        upsample_table(args.images, args.size, args.scales, args.steps, device, args.path)
     if not args.skip_color:
         color_table(args.images, args.size)
 

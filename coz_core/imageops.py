@@ -138,6 +138,8 @@ def resize(
     if out_h < 1 or out_w < 1:
         raise ValueError(f"output size must be positive, got {size}")
     in_h, in_w = image.shape[-2], image.shape[-1]
+    if in_h < 1 or in_w < 1:
+        raise ValueError(f"cannot resize an empty image ({in_w}x{in_h} pixels)")
     left, top, right, bottom = box if box is not None else (0.0, 0.0, float(in_w), float(in_h))
     if (out_h, out_w) == (in_h, in_w) and (left, top, right, bottom) == (0, 0, in_w, in_h):
         return image.clone()

@@ -38,7 +38,7 @@ class LanczosSR:
 
 def photo(batch=1, h=48, w=64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    base = torch.rand(batch, 3, h // 8, w // 8, generator=g)
+    base = torch.rand(batch, 3, max(1, h // 8), max(1, w // 8), generator=g)
     return resize(base, (h, w), "bicubic").clamp(0, 1)  # smooth, like a picture
 
 

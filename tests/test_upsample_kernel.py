@@ -86,7 +86,8 @@ def test_window_covers_reach_and_stays_in_disc():
             near = math.hypot(max(abs(dy) - 0.5, 0) * 4, max(abs(dx) - 0.5, 0) * 6)
             assert ((dy, dx) in offsets) == (near <= 9.0)
     assert all(dy * dy + dx * dx <= 4 for dy, dx in window(grid, reach=1e3, radius_max=2))
-    assert len(window(grid, reach=1e3, radius_max=8)) == 197  # the reference's R = 8 disc
+    assert len(window(Grid.build((64, 48), (16, 9)), reach=1e3, radius_max=8)) == 197  # the reference's R = 8 disc
+    assert max(abs(dx) for _, dx in window(grid, reach=1e3, radius_max=8)) == 7  # no cell has a neighbour 8 away
 
 
 def test_weights_are_exact_where_energies_are_huge():

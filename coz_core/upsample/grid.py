@@ -59,6 +59,12 @@ class Axis:
         centre = (cells + shift + 0.5) * self.scale - 0.5
         return self.index[lo:hi].double() - centre[:, None]
 
+    def offsets_from_centres(self, shifts: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """``offsets_from_centre`` for many shifts at once: [len(shifts), hi - lo, L] float64."""
+        cells = torch.arange(lo, hi, dtype=torch.float64)
+        centre = (cells[None] + shifts.double()[:, None] + 0.5) * self.scale - 0.5
+        return self.index[lo:hi].double()[None] - centre[..., None]
+
     def overlap(self, shift: int, lo: int, hi: int) -> tuple[int, int]:
         """Cells i in [lo, hi) whose neighbour i + shift exists: returns the (possibly empty)
         range."""
@@ -107,8 +113,37 @@ class Grid:
         flat = cells.transpose(3, 4).reshape(b, c, ly * n, lx * w)
         return flat.index_select(2, iy).index_select(3, ix)
 
+    def to_cell_major(self, image: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
+        """[B, C, H, W] -> [B, C, n, w, Ly, Lx] for the LR rows ``rows``: cell first, then the
+        slot inside it (the layout of ``batched``)."""
+        lo, hi = rows
+        b, c = image.shape[:2]
+        iy = self.y.index[lo:hi].reshape(-1).to(image.device)
+        ix = self.x.index.reshape(-1).to(image.device)
+        cells = image.index_select(2, iy).index_select(3, ix)
+        cells = cells.view(b, c, hi - lo, self.y.width, self.x.lr, self.x.width)
+        return cells.transpose(3, 4).contiguous()
+
+    def from_cell_major(self, cells: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
+        """[B, n, w, C, Ly, Lx] -> [B, C, HR rows of those cells, W]. In this layout HR pixel Y
+        sits at flat position ``inverse[Y]`` (cell * L + slot), so only padded slots need a
+        gather."""
+        lo, hi = rows
+        b, n, w, c, ly, lx = cells.shape
+        flat = cells.permute(0, 3, 1, 4, 2, 5).reshape(b, c, n * ly, w * lx)
+        y0, y1 = int(self.y.start[lo]), int(self.y.start[hi])
+        if y1 - y0 != n * ly:
+            flat = flat.index_select(2, (self.y.inverse[y0:y1] - lo * ly).to(cells.device))
+        if self.x.hr != w * lx:
+            flat = flat.index_select(3, self.x.inverse.to(cells.device))
+        return flat
+
     def valid_cells(self, rows: tuple[int, int], device: torch.device) -> torch.Tensor:
         """[Ly, Lx, n, w] bool: which slots of the cell layout hold real pixels."""
         vy = self.y.valid[rows[0]:rows[1]].T.to(device)  # [Ly, n]
         vx = self.x.valid.T.to(device)  # [Lx, w]
         return vy[:, None, :, None] & vx[None, :, None, :]
+
+    def valid_cell_major(self, rows: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """[n, w, 1, Ly, Lx] bool: ``valid_cells`` in the cell-major layout (broadcast over C)."""
+        return self.valid_cells(rows, device).permute(2, 3, 0, 1)[:, :, None]

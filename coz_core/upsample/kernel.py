@@ -52,11 +52,12 @@ def coefficients(sigma_x: torch.Tensor, sigma_y: torch.Tensor, theta: torch.Tens
 def window(grid: Grid, reach: float, radius_max: int) -> list[tuple[int, int]]:
     """LR offsets (dy, dx) whose cells can hold pixels within ``reach`` HR pixels of a pixel of
     the centre cell (a pixel lies within half a cell of its cell's centre), within the disc
-    dy^2 + dx^2 <= radius_max^2 (the reference's largest window)."""
+    dy^2 + dx^2 <= radius_max^2 (the reference's largest window), leaving out offsets that
+    no cell of the LR grid has a neighbour at."""
     ry, rx = reach / grid.y.scale, reach / grid.x.scale
     out = []
-    for dy in range(-radius_max, radius_max + 1):
-        for dx in range(-radius_max, radius_max + 1):
+    for dy in range(-min(radius_max, grid.y.lr - 1), min(radius_max, grid.y.lr - 1) + 1):
+        for dx in range(-min(radius_max, grid.x.lr - 1), min(radius_max, grid.x.lr - 1) + 1):
             ey = max(abs(dy) - 0.5, 0.0) / ry
             ex = max(abs(dx) - 0.5, 0.0) / rx
             if ey * ey + ex * ex <= 1.0 and dy * dy + dx * dx <= radius_max * radius_max:
