@@ -31,7 +31,7 @@ def test_every_node_has_a_sub_category_and_a_help_page():
     text = (ROOT / "__init__.py").read_text()
     web = re.search(r'WEB_DIRECTORY = "(.+)"', text).group(1)
     for key, cls in pack.NODE_CLASS_MAPPINGS.items():
-        assert re.fullmatch(r"CoZ/(loaders|steps|chain|upscaling)", cls.CATEGORY), key
+        assert re.fullmatch(r"CoZ/(loaders|steps|chain|upscaling|video)", cls.CATEGORY), key
         page = (ROOT / web / "docs" / f"{key}.md").read_text()
         assert page.startswith(f"# {pack.NODE_DISPLAY_NAME_MAPPINGS[key]}\n")
         inputs = cls.INPUT_TYPES()
