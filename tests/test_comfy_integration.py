@@ -308,6 +308,22 @@ def test_shipped_workflow_runs(server, base, tiny_sd3, tiny_vlm, name):
         assert len(entry["outputs"][node]["text"][0].split("\n")) == steps
 
 
+def test_whole_image_workflow_runs(server, base):
+    """Workflow 05 through the HTTP API, on a 64 px copy of the sample (ComfyUI's own ImageScale)
+    made x2: the saved image is 128 px and the prompts output holds one line per tile."""
+    prompt = json.loads((WORKFLOWS / "api" / "05_whole_image_upscale.json").read_text())
+    prompt["99"] = {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "area",
+                                                            "width": 64, "height": 64, "crop": "disabled"}}
+    prompt["3"]["inputs"].update({"image": ["99", 0], "factor": "2", "tile": 64, "overlap": 16})
+    entry = server.run(prompt, timeout=600)
+    (saved,) = [n for n, v in prompt.items() if v["class_type"] == "SaveImage"]
+    (f,) = entry["outputs"][saved]["images"]
+    with Image.open(base / "output" / f["subfolder"] / f["filename"]) as im:
+        assert im.size == (128, 128)
+    for node in (n for n, v in prompt.items() if v["class_type"] == "PreviewAny"):  # one prompt per tile
+        assert len(entry["outputs"][node]["text"][0].split("\n")) == 9  # 3 x 3 tiles of 64 with 16 overlap
+
+
 def ui_workflows() -> list[Path]:
     return sorted(WORKFLOWS.glob("*.json"))
 
@@ -330,5 +346,10 @@ def test_ui_workflows_load_in_the_frontend(server, tmp_path):
     report = json.loads(out.stdout.strip().splitlines()[-1])
     for path, result in report.items():
         assert result["missing"] == [], f"{path}: missing node types {result['missing']}"
-        assert result["errors"] == [], f"{path}: console errors {result['errors']}"
+        # the missing-models dialog asks each properties.models url for its size: the browser here
+        # reaches nothing outside the local server, so those requests (and only those) fail
+        errors = [e for e in result["errors"] if not e.startswith("Error fetching file size")]
+        assert errors == [], f"{path}: console errors {errors}"
+        if Path(path).stem in ("02_coz_loop", "03_coz_all_in_one"):  # they name their model files
+            assert len(errors) < len(result["errors"]), "the missing-models dialog did not look at the models"
         assert result["nodes"] == len(json.loads(Path(path).read_text())["nodes"])

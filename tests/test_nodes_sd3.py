@@ -22,7 +22,7 @@ def place_tiny_sd3(tiny, root):
     """models/diffusers/sd3-tiny, models/coz/{model_20001.pkl, vae_encoder_20001.pt},
     models/text_encoders/{clip_l, clip_g, t5xxl_fp16}.safetensors."""
     shutil.copytree(tiny.folder, root / "diffusers" / "sd3-tiny")
-    (root / "coz").mkdir(parents=True)
+    (root / "coz").mkdir(parents=True, exist_ok=True)  # the pack creates its folders when registered
     shutil.copy(tiny.lora_pkl, root / "coz")
     shutil.copy(tiny.vae_pt, root / "coz")
     (root / "text_encoders").mkdir()
