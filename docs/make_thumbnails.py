@@ -100,10 +100,10 @@ def run(name: str) -> dict:
 
 
 if __name__ == "__main__":
-    saved = run("01_offline_zoom_realesrgan")
+    saved = run("CoZ 1 - Offline zoom (Real-ESRGAN)")
     scales = tiles(saved["coz/offline_zoom"])
-    grid([scales[:2], scales[2:4]]).save(ROOT / "workflows" / "01_offline_zoom_realesrgan.jpg", quality=90)
-    saved = run("04_bilateral_mask_zoom")
+    grid([scales[:2], scales[2:4]]).save(ROOT / "workflows" / "CoZ 1 - Offline zoom (Real-ESRGAN).jpg", quality=90)
+    saved = run("CoZ 4 - Mask through the zoom")
     grid([tiles(saved["coz/mask_zoom"]), tiles(saved["coz/mask_zoom_mask"])]).save(
-        ROOT / "workflows" / "04_bilateral_mask_zoom.jpg", quality=90)
+        ROOT / "workflows" / "CoZ 4 - Mask through the zoom.jpg", quality=90)
     print("written")

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -261,11 +262,11 @@ TINY_SD3 = {"sd3": "diffusers/sd3-tiny", "clip_l": "clip_l.safetensors", "clip_g
             "t5": "t5xxl_fp16.safetensors", "precision": "fp32"}
 TINY_VLM = {"model": "qwen-tiny", "precision": "fp32", "max_new_tokens": 8}
 RUN_SETTINGS = {
-    "01_offline_zoom_realesrgan": {"3": {"width": 64, "height": 64, "steps": 2}},
-    "02_coz_loop": {"2": TINY_SD3, "3": TINY_VLM, "4": {"width": 64, "height": 64, "steps": 2}},
-    "03_coz_all_in_one": {"2": TINY_SD3, "3": TINY_VLM, "4": {"width": 64, "height": 64, "steps": 2}},
-    "04_bilateral_mask_zoom": {"4": {"width": 64, "height": 64, "steps": 2}, "7": {"fit_steps": 5}},
-    "06_zoom_video": {"3": {"width": 64, "height": 64, "steps": 2}, "4": {"frames_per_step": 4}},
+    "CoZ 1 - Offline zoom (Real-ESRGAN)": {"3": {"width": 64, "height": 64, "steps": 2}},
+    "CoZ 2 - Zoom loop (SD3 and Qwen)": {"2": TINY_SD3, "3": TINY_VLM, "4": {"width": 64, "height": 64, "steps": 2}},
+    "CoZ 3 - All-in-one zoom (SD3 and Qwen)": {"2": TINY_SD3, "3": TINY_VLM, "4": {"width": 64, "height": 64, "steps": 2}},
+    "CoZ 4 - Mask through the zoom": {"4": {"width": 64, "height": 64, "steps": 2}, "7": {"fit_steps": 5}},
+    "CoZ 6 - Zoom video": {"3": {"width": 64, "height": 64, "steps": 2}, "4": {"frames_per_step": 4}},
 }
 
 
@@ -311,7 +312,7 @@ def test_shipped_workflow_runs(server, base, tiny_sd3, tiny_vlm, name):
 def test_whole_image_workflow_runs(server, base):
     """Workflow 05 through the HTTP API, on a 64 px copy of the sample (ComfyUI's own ImageScale)
     made x2: the saved image is 128 px and the prompts output holds one line per tile."""
-    prompt = json.loads((WORKFLOWS / "api" / "05_whole_image_upscale.json").read_text())
+    prompt = json.loads((WORKFLOWS / "api" / "CoZ 5 - Whole image upscale.json").read_text())
     prompt["99"] = {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "area",
                                                             "width": 64, "height": 64, "crop": "disabled"}}
     prompt["3"]["inputs"].update({"image": ["99", 0], "factor": "2", "tile": 64, "overlap": 16})
@@ -337,7 +338,8 @@ def test_ui_workflows_load_in_the_frontend(server, tmp_path):
     # the template browser lists them and serves their thumbnails
     assert sorted(server.get("/workflow_templates")["comfyui-chain-of-zoom"]) == [p.stem for p in files]
     for p in files:
-        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/comfyui-chain-of-zoom/{p.stem}.jpg") as r:
+        url = f"{server.url}/api/workflow_templates/comfyui-chain-of-zoom/{urllib.parse.quote(p.stem)}.jpg"
+        with urllib.request.urlopen(url) as r:
             assert r.status == 200 and r.read(3) == b"\xff\xd8\xff"
     out = subprocess.run([COMFYUI_PYTHON, str(Path(__file__).parent / "comfy_browser.py"), server.url,
                           *map(str, files), "--screenshots", str(tmp_path)],
@@ -350,6 +352,6 @@ def test_ui_workflows_load_in_the_frontend(server, tmp_path):
         # reaches nothing outside the local server, so those requests (and only those) fail
         errors = [e for e in result["errors"] if not e.startswith("Error fetching file size")]
         assert errors == [], f"{path}: console errors {errors}"
-        if Path(path).stem in ("02_coz_loop", "03_coz_all_in_one"):  # they name their model files
+        if Path(path).stem in ("CoZ 2 - Zoom loop (SD3 and Qwen)", "CoZ 3 - All-in-one zoom (SD3 and Qwen)"):  # they name their model files
             assert len(errors) < len(result["errors"]), "the missing-models dialog did not look at the models"
         assert result["nodes"] == len(json.loads(Path(path).read_text())["nodes"])

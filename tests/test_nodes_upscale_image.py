@@ -39,7 +39,7 @@ def test_node_upscales_with_tile_prompts_and_previews(monkeypatch):
 
 def test_workflow_05_api_copy_runs_offline(default_backbone):
     """The API copy of workflow 05 with its image loader replaced by the sample, smaller."""
-    graph = json.loads((ROOT / "workflows" / "api" / "05_whole_image_upscale.json").read_text())
+    graph = json.loads((ROOT / "workflows" / "api" / "CoZ 5 - Whole image upscale.json").read_text())
     assert [graph[k]["class_type"] for k in sorted(graph)] == [
         "LoadImage", "CoZLoadRealESRGAN", "CoZUpscaleImage", "SaveImage", "PreviewAny"]
     inputs = graph["3"]["inputs"]
@@ -48,7 +48,7 @@ def test_workflow_05_api_copy_runs_offline(default_backbone):
     settings.update(tile=128, overlap=32)
     out, prompts = NODES["CoZUpscaleImage"]().upscale(image, default_backbone, **settings)
     assert out.shape == (1, 128, 192, 3) and len(prompts.split("\n")) == 2
-    ui = json.loads((ROOT / "workflows" / "05_whole_image_upscale.json").read_text())
+    ui = json.loads((ROOT / "workflows" / "CoZ 5 - Whole image upscale.json").read_text())
     node = next(n for n in ui["nodes"] if n["type"] == "CoZUpscaleImage")
     assert node["widgets_values"][:7] == [inputs[k] for k in ("factor", "tile", "overlap", "color", "blend",
                                                              "user_prompt", "seed")]

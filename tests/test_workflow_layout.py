@@ -2,6 +2,7 @@
 to fit its title, its slot names side by side and one row per slot or widget (LiteGraph's
 computeSize); the estimate here errs large (8 px per character, 20 px per row, 30 px title)."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,11 @@ def test_nodes_do_not_overlap_when_sized(path):
         for b in ids[i + 1:]:
             A, B = boxes[a], boxes[b]
             assert not (A[0] < B[2] and B[0] < A[2] and A[1] < B[3] and B[1] < A[3]), (path.name, a, b)
+
+
+def test_template_titles_read_well_and_sort_in_order():
+    """ComfyUI's template browser titles a pack's workflows by file name (there is no title field):
+    the names are the titles, numbered so that any sort shows them in the order of the docs."""
+    stems = [p.stem for p in WORKFLOWS]
+    assert all(re.fullmatch(r"CoZ \d - [A-Z][\w ()'-]+", s) for s in stems), stems
+    assert [s.split(" - ")[0] for s in sorted(stems)] == [f"CoZ {i}" for i in range(1, len(stems) + 1)]

@@ -29,7 +29,7 @@ def widget_values(node: dict) -> dict[str, object]:
     return dict(zip(names, node["widgets_values"]))
 
 
-@pytest.mark.parametrize("name", ["02_coz_loop", "03_coz_all_in_one"])
+@pytest.mark.parametrize("name", ["CoZ 2 - Zoom loop (SD3 and Qwen)", "CoZ 3 - All-in-one zoom (SD3 and Qwen)"])
 def test_every_model_of_a_loader_has_its_download(name):
     workflow = json.loads((WORKFLOWS / f"{name}.json").read_text())
     loaders = [n for n in workflow["nodes"] if "Load" in n["type"] and n["type"] != "LoadImage"]
@@ -53,7 +53,7 @@ def test_every_model_of_a_loader_has_its_download(name):
 
 
 def test_ui_and_api_copies_name_the_same_models():
-    for name in ("02_coz_loop", "03_coz_all_in_one"):
+    for name in ("CoZ 2 - Zoom loop (SD3 and Qwen)", "CoZ 3 - All-in-one zoom (SD3 and Qwen)"):
         ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
         api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
         for node in ui["nodes"]:

@@ -216,7 +216,6 @@ class QwenVL:
         text = self.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return text, int(new.numel())
 
-
     @torch.inference_mode()
     def generate_batch(
         self,
