@@ -24,7 +24,8 @@ fitted reconstruction is slightly better than the reference's (40.9 vs 40.8 dB).
 Two implementations of the same maths (``pick_path``): kernel.py (one neighbour offset at a
 time with small ops; the CPU default) and batched.py (all offsets of a band in a few large ops,
 a fixed number per fitting step whatever the window; the default on GPUs). The tests compare
-them on CPU. ``fit_kernels`` reports every step to a callback (progress,
+them on CPU. On CUDA the batched path's whole fitting step (forward, gradient, Adam, lr decay:
+``_adam_step``) is captured once per window size and replayed as a CUDA graph (``_GraphedStep``). ``fit_kernels`` reports every step to a callback (progress,
 cancel) and can fit on a reduced copy of the guide (``fit_side``) to bound the cost on CPUs.
 """
 from __future__ import annotations
@@ -223,7 +224,7 @@ def _fit(guide, size, steps, lr, init_sigma, init_sigma_r, truncate, radius_max,
     else:
         opt = torch.optim.Adam([raw], lr=lr)
     run = _adam_step(raw, opt, step, count, decay)
-    run = _GraphedStep(run) if graphed else run
+    run = _GraphedStep(run, guide.device) if graphed else run
     losses: list[float] = []
     reach = truncate * float(torch.maximum(*_maps(raw)[:2]).detach().max())
     for n in range(steps):
@@ -273,14 +274,18 @@ class _GraphedStep:
     step of the fit), the next one is captured and replayed. One graph is held at a time: its
     memory pool is about one eager step's peak."""
 
-    def __init__(self, run: Callable[[list], tuple[torch.Tensor, torch.Tensor]]):
-        self.run = run
+    def __init__(self, run: Callable[[list], tuple[torch.Tensor, torch.Tensor]], device: torch.device):
+        self.run, self.device = run, device
         self.k: int | None = None  # window size of the held graph
         self.warm: int | None = None  # window size of the last eager warm-up step
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, window_now: list) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.cuda.device(self.device):  # streams and capture on the fit's device
+            return self._step(window_now)
+
+    def _step(self, window_now: list) -> tuple[torch.Tensor, torch.Tensor]:
         k = len(window_now)
         if self.graph is not None and k == self.k:
             self.graph.replay()
