@@ -25,8 +25,9 @@ Two implementations of the same maths (``pick_path``): kernel.py (one neighbour 
 time with small ops; the CPU default) and batched.py (all offsets of a band in a few large ops,
 a fixed number per fitting step whatever the window; the default on GPUs). The tests compare
 them on CPU. On CUDA the batched path's whole fitting step (forward, gradient, Adam, lr decay:
-``_adam_step``) is captured once per window size and replayed as a CUDA graph (``_GraphedStep``). ``fit_kernels`` reports every step to a callback (progress,
-cancel) and can fit on a reduced copy of the guide (``fit_side``) to bound the cost on CPUs.
+``_adam_step``) is captured once per window size and replayed as a CUDA graph (``_GraphedStep``).
+``fit_kernels`` reports every step to a callback (progress, cancel) and can fit on a reduced
+copy of the guide (``fit_side``) to bound the cost on CPUs.
 """
 from __future__ import annotations
 
