@@ -11,8 +11,10 @@ Each method also reconstructs the guide from its bicubic reduction (the fitting 
 peak memory is ``torch.cuda.max_memory_allocated`` above what was allocated before the call.
 The reference runs as its README shows (``UPA(image, lr_signal)``: fp16 autocast, 51 Adam
 steps); ours picks its own precision (float32 fit, float16 accumulation on CUDA) and may stop
-early when the loss stalls. Ours runs the batched path (the GPU default); on CUDA also with 100
-steps (the loss still falls at 50) and the banded path (the CPU design: the "before").
+early when the loss stalls. Ours runs the batched path (the GPU default: on CUDA each fitting
+step is replayed as one CUDA graph); on CUDA also with 100 steps (the loss still falls at 50),
+without the CUDA graph ("no CUDA graph": ~450 launches a step) and the banded path (the CPU
+design: the "before").
 
 The reference is imported from ``$UPSAMPLE_ANYTHING_PATH`` (default ``.ref/upsample_anything``,
 relative to the working directory or the repository; a copy of its ``src/``); without it its
@@ -162,18 +164,21 @@ def measure(device: torch.device, tiny: bool) -> list[tuple[str, str]]:
             add(name, f"error building the task: {type(exc).__name__}: {exc}")
             continue
         results = {}
-        # the batched path (the default), on CUDA also with twice the steps (the loss still falls
-        # at 50) and the banded path (the CPU design) for the before/after
-        variants = [("batched", steps)]
+        # the batched path (the default; on CUDA each fitting step replayed as a CUDA graph), on
+        # CUDA also with twice the steps (the loss still falls at 50), without the CUDA graph and
+        # the banded path (the CPU design) for the before/after
+        variants = [("batched", steps, True)]
         if device.type == "cuda":
-            variants += [("batched", 2 * steps), ("banded", steps)]
-        for path, n_steps in variants:
-            label = f"{name}: ours ({path}{'' if n_steps == steps else f', {n_steps} steps'})"
+            variants += [("batched", 2 * steps, True), ("batched", steps, False), ("banded", steps, True)]
+        for path, n_steps, graph in variants:
+            label = (f"{name}: ours ({path}{'' if n_steps == steps else f', {n_steps} steps'}"
+                     f"{'' if graph or path != 'batched' else ', no CUDA graph'})")
             try:
                 kernels_box = {}
 
-                def ours(path=path, n_steps=n_steps):
-                    kernels_box["k"] = fit_kernels(guide, lr_size=(lr, lr), steps=n_steps, path=path)
+                def ours(path=path, n_steps=n_steps, graph=graph):
+                    kernels_box["k"] = fit_kernels(guide, lr_size=(lr, lr), steps=n_steps, path=path,
+                                                   cuda_graph=graph)
                     return kernels_box["k"].apply(signal, path=path)
 
                 out, sec, mb = _timed(ours, device)

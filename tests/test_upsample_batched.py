@@ -118,3 +118,67 @@ def test_batched_fit_step_costs_few_ops_whatever_the_window():
     assert small == large and large < 600
     assert _ops_per_step("banded", 6) > 5 * large  # 113 offsets, one at a time
     assert math.isfinite(small)
+
+
+def _fit_as_before(guide, size, steps, path):
+    """The fitting loop as it was before the step was factored out for CUDA graphs (its own
+    copy, the reference): per step a window from the current sigmas, the path's forward and
+    gradient, autograd of the parameter maps, Adam and the lr decay."""
+    from coz_core.upsample import model as m
+    grid = Grid.build(guide.shape[-2:], size)
+    target_lr = torch.nn.functional.interpolate(guide, size=size, mode="bicubic", align_corners=False)
+    guide_lr = m._range_guide(guide, size)
+    raw = torch.stack([torch.full((1, *size), math.log(16.0)), torch.full((1, *size), math.log(16.0)),
+                       torch.zeros(1, *size), torch.full((1, *size), math.log(0.12))], 1).requires_grad_(True)
+    opt = torch.optim.Adam([raw], lr=0.1)
+    offsets = window(grid, math.inf, 8)
+    make = m._batched_fit_step if path == "batched" else m._banded_fit_step
+    offs = sort_offsets(grid, offsets) if path == "batched" else offsets
+    step = make(grid, offs, guide, guide_lr, target_lr, 1, True)
+    count = guide.numel()
+    losses = []
+    for _ in range(steps):
+        sx, sy, theta, sr = m._maps(raw)
+        coef = coefficients(sx, sy, theta, sr)
+        reach = 3.0 * float(torch.maximum(sx, sy).detach().max())
+        with torch.no_grad():
+            loss, grad = step(coef.detach(), window(grid, reach, 8), count)
+        losses.append(float(loss) / count)
+        opt.zero_grad(set_to_none=True)
+        coef.backward(grad)
+        opt.step()
+        for group in opt.param_groups:
+            group["lr"] *= (1e-9 / 1e-1) ** (1.0 / 5100)
+    return losses, m._maps(raw.detach())
+
+
+@pytest.mark.parametrize("path", ["batched", "banded"])
+def test_factored_step_equals_the_loop_before(path):
+    """The graph-ready step (``_adam_step``, what CUDA captures) run eagerly on CPU gives the
+    same losses and maps, step for step, as the loop before it; the window changes during the
+    fit (a 14x scale: 3 sigma reaches a few cells), so several window sizes are exercised."""
+    guide = torch.nn.functional.interpolate(photo(64), size=(56, 56), mode="bilinear", align_corners=False)
+    size = (4, 4)
+    losses, maps = _fit_as_before(guide, size, 12, path)
+    k = fit_kernels(guide, lr_size=size, steps=12, path=path, tol=0.0)
+    assert len(k.losses) == 12
+    torch.testing.assert_close(torch.tensor(k.losses), torch.tensor(losses), rtol=0, atol=0)
+    for got, want in zip((k.sigma_x, k.sigma_y, k.theta, k.sigma_r), maps):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_fit_equals_eager_fit():
+    """On CUDA the graphed fit (capturable Adam, tensor lr) follows the eager fit to float
+    rounding, through window changes, and calls back every step."""
+    guide = torch.nn.functional.interpolate(photo(64), size=(112, 112), mode="bilinear",
+                                            align_corners=False).cuda()
+    seen = []
+    graphed = fit_kernels(guide, lr_size=(8, 8), steps=20, tol=0.0, path="batched",
+                          callback=lambda n, total, loss: seen.append((n, loss)))
+    eager = fit_kernels(guide, lr_size=(8, 8), steps=20, tol=0.0, path="batched", cuda_graph=False)
+    assert [n for n, _ in seen] == list(range(1, 21)) and [loss for _, loss in seen] == graphed.losses
+    # float rounding only (index_add_ on CUDA is not deterministic, eager or graphed)
+    torch.testing.assert_close(torch.tensor(graphed.losses), torch.tensor(eager.losses), rtol=1e-3, atol=1e-6)
+    for name in ("sigma_x", "sigma_y", "theta", "sigma_r"):
+        torch.testing.assert_close(getattr(graphed, name), getattr(eager, name), rtol=1e-3, atol=1e-3)

@@ -24,8 +24,10 @@ fitted reconstruction is slightly better than the reference's (40.9 vs 40.8 dB).
 Two implementations of the same maths (``pick_path``): kernel.py (one neighbour offset at a
 time with small ops; the CPU default) and batched.py (all offsets of a band in a few large ops,
 a fixed number per fitting step whatever the window; the default on GPUs). The tests compare
-them on CPU. ``fit_kernels`` reports every step to a callback (progress,
-cancel) and can fit on a reduced copy of the guide (``fit_side``) to bound the cost on CPUs.
+them on CPU. On CUDA the batched path's whole fitting step (forward, gradient, Adam, lr decay:
+``_adam_step``) is captured once per window size and replayed as a CUDA graph (``_GraphedStep``).
+``fit_kernels`` reports every step to a callback (progress, cancel) and can fit on a reduced
+copy of the guide (``fit_side``) to bound the cost on CPUs.
 """
 from __future__ import annotations
 
@@ -144,7 +146,7 @@ def fit_kernels(guide_hr: torch.Tensor, lr_size: tuple[int, int] | None = None,
                 init_sigma: float = 16.0, init_sigma_r: float = 0.12, truncate: float = 3.0,
                 radius_max: int = 8, tol: float = 1e-3, patience: int = 5,
                 callback: StepCallback | None = None, path: str = "auto",
-                fit_side: int | None = None) -> BilateralKernels:
+                fit_side: int | None = None, cuda_graph: bool = True) -> BilateralKernels:
     """Fit per-cell kernels to ``guide_hr`` [B, Cg, H, W] on the LR grid ``lr_size`` (h, w), or
     on (round(H / scale), round(W / scale)).
 
@@ -156,6 +158,12 @@ def fit_kernels(guide_hr: torch.Tensor, lr_size: tuple[int, int] | None = None,
     far). ``path``: see ``pick_path``. ``fit_side``: fit on the guide resized (antialiased) so
     its longer side is at most this many pixels, on the same LR grid, and scale the sigmas back
     (the fit's cost is proportional to the guide's pixels; None: the full guide).
+    ``cuda_graph``: on CUDA with the batched path, replay each fitting step (forward, gradient,
+    Adam, lr decay) as one CUDA graph (``_GraphedStep``) instead of ~450 kernel launches; the
+    loss and the largest sigma are still read once per step (the window depends on the sigmas),
+    so the callback and the early stop see every step's loss. Adam then runs with
+    ``capturable=True`` and a tensor lr (equal to the eager fit to float rounding). Ignored
+    elsewhere.
     """
     guide = _check_guide(guide_hr)
     size = _lr_size(guide, lr_size, scale)
@@ -165,12 +173,12 @@ def fit_kernels(guide_hr: torch.Tensor, lr_size: tuple[int, int] | None = None,
         factor = _fit_factor(hr, size, fit_side)
         if factor == 1.0:
             return _fit(guide, size, steps, lr, init_sigma, init_sigma_r, truncate, radius_max, tol,
-                        patience, callback, path)
+                        patience, callback, path, cuda_graph)
         small_size = (max(size[0], round(hr[0] / factor)), max(size[1], round(hr[1] / factor)))
         small = F.interpolate(guide, size=small_size, mode="bilinear", antialias=True, align_corners=False)
         factor = math.sqrt(hr[0] / small_size[0] * hr[1] / small_size[1])  # as rounded
         k = _fit(small, size, steps, lr, init_sigma / factor, init_sigma_r, truncate, radius_max, tol,
-                 patience, callback, path)
+                 patience, callback, path, cuda_graph)
     return BilateralKernels(k.sigma_x * factor, k.sigma_y * factor, k.theta, k.sigma_r, guide,
                             _range_guide(guide, size), truncate, radius_max, k.losses)
 
@@ -186,7 +194,7 @@ def _fit_factor(hr, size, fit_side: int | None) -> float:
 
 
 def _fit(guide, size, steps, lr, init_sigma, init_sigma_r, truncate, radius_max, tol, patience,
-         callback, path) -> BilateralKernels:
+         callback, path, cuda_graph=True) -> BilateralKernels:
     if guide.is_inference():  # made under inference mode: a normal copy
         guide = guide.clone()
     if steps < 1:
@@ -201,7 +209,6 @@ def _fit(guide, size, steps, lr, init_sigma, init_sigma_r, truncate, radius_max,
         torch.zeros(b, *size),
         torch.full((b, *size), math.log(init_sigma_r)),
     ], 1).to(guide.device).requires_grad_(True)
-    opt = torch.optim.Adam([raw], lr=lr)
     decay = (1e-9 / 1e-1) ** (1.0 / 5100)  # the reference's schedule: 0.1 -> 1e-9 over 5100 steps
 
     offsets = window(grid, math.inf, radius_max)  # each step uses the part its sigmas reach
@@ -212,25 +219,93 @@ def _fit(guide, size, steps, lr, init_sigma, init_sigma_r, truncate, radius_max,
         step = _banded_fit_step(grid, offsets, guide, guide_lr, target_lr, b, cache)
     count = b * guide.shape[1] * guide.shape[-2] * guide.shape[-1]
     negligible = 1e-6 * float(guide.abs().mean())  # float rounding: nothing left to fit
+    graphed = cuda_graph and guide.device.type == "cuda" and pick_path(path, guide.device) == "batched"
+    if graphed:  # graph-safe Adam: step count and lr live on the device, decayed inside the graph
+        opt = torch.optim.Adam([raw], lr=torch.tensor(lr, device=guide.device), capturable=True)
+    else:
+        opt = torch.optim.Adam([raw], lr=lr)
+    run = _adam_step(raw, opt, step, count, decay)
+    run = _GraphedStep(run, guide.device) if graphed else run
     losses: list[float] = []
+    reach = truncate * float(torch.maximum(*_maps(raw)[:2]).detach().max())
     for n in range(steps):
-        sx, sy, theta, sr = _maps(raw)
-        coef = coefficients(sx, sy, theta, sr)
-        reach = truncate * float(torch.maximum(sx, sy).detach().max())
-        with torch.no_grad():
-            loss, grad = step(coef.detach(), window(grid, reach, radius_max), count)
+        loss, sigma_max = run(window(grid, reach, radius_max))
+        # one host sync per step: the next step's window (trimmed at 3 sigma) needs the sigmas
         losses.append(float(loss) / count)
-        opt.zero_grad(set_to_none=True)
-        coef.backward(grad)
-        opt.step()
-        for group in opt.param_groups:
-            group["lr"] *= decay
+        reach = truncate * float(sigma_max)
         stop = callback is not None and callback(n + 1, steps, losses[-1])
         stalled = len(losses) > patience and losses[-1] >= losses[-1 - patience] * (1.0 - tol)
         if stop or stalled or losses[-1] <= negligible:
             break
     sx, sy, theta, sr = (m.detach() for m in _maps(raw))
     return BilateralKernels(sx, sy, theta, sr, guide, guide_lr, truncate, radius_max, losses)
+
+
+def _adam_step(raw: torch.Tensor, opt: torch.optim.Adam, fit_step: "FitStep", count: int,
+               decay: float) -> Callable[[list], tuple[torch.Tensor, torch.Tensor]]:
+    """One whole fitting step as a function of the active window: forward and hand-written
+    gradient (``fit_step``), backward through the parameter maps, Adam, lr decay. Returns (loss
+    sum, largest sigma after the update) as device tensors, without a host sync. Run eagerly on
+    CPUs; on CUDA this same function is what ``_GraphedStep`` captures (no Python scalar in it
+    changes between steps: with a tensor lr the decay is an in-place multiply)."""
+    group = opt.param_groups[0]
+
+    def run(window_now: list) -> tuple[torch.Tensor, torch.Tensor]:
+        sx, sy, theta, sr = _maps(raw)
+        coef = coefficients(sx, sy, theta, sr)
+        with torch.no_grad():
+            loss, grad = fit_step(coef.detach(), window_now, count)
+        opt.zero_grad(set_to_none=False)  # keeps raw.grad one static buffer (zero + g == g)
+        coef.backward(grad)
+        opt.step()
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].mul_(decay)
+        else:
+            group["lr"] *= decay
+        with torch.no_grad():
+            sigma_max = torch.maximum(raw[:, 0].exp(), raw[:, 1].exp()).max()
+        return loss, sigma_max
+    return run
+
+
+class _GraphedStep:
+    """Replays a CUDA graph of ``run`` (``_adam_step``) for every step with the same window size
+    (the window is a prefix of the sorted offsets, so its size fixes every shape). At a new size
+    the first step runs eagerly on a side stream (PyTorch's warm-up before capture; it is a real
+    step of the fit), the next one is captured and replayed. One graph is held at a time: its
+    memory pool is about one eager step's peak."""
+
+    def __init__(self, run: Callable[[list], tuple[torch.Tensor, torch.Tensor]], device: torch.device):
+        self.run, self.device = run, device
+        self.k: int | None = None  # window size of the held graph
+        self.warm: int | None = None  # window size of the last eager warm-up step
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, window_now: list) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.cuda.device(self.device):  # streams and capture on the fit's device
+            return self._step(window_now)
+
+    def _step(self, window_now: list) -> tuple[torch.Tensor, torch.Tensor]:
+        k = len(window_now)
+        if self.graph is not None and k == self.k:
+            self.graph.replay()
+            return self.out
+        if self.warm != k:
+            self.warm = k
+            side, main = torch.cuda.Stream(), torch.cuda.current_stream()
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                out = self.run(window_now)
+            main.wait_stream(side)
+            return out
+        self.graph = self.out = None  # free the previous graph's pool first
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.run(window_now)
+        self.graph, self.k, self.out = graph, k, out
+        graph.replay()
+        return out
 
 
 FitStep = Callable[[torch.Tensor, list, int], "tuple[torch.Tensor, torch.Tensor]"]
