@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ..policy import VLM_TOKENS
+from . import greedy
 from .adapter import AdapterMerge, check_adapter_folder, merge_lora
 from .base import PromptRequest
 from .clean import CLIP_TOKENS, clean_prompt
@@ -86,6 +87,7 @@ class QwenVL:
     first_fast_seconds: float | None = None  # the first fast call (compilation/capture included)
     _compile_config: Any = field(default=None, repr=False)
     _cache: Any = field(default=None, repr=False)  # (StaticCache, its device, its length)
+    _step: Any = field(default=None, repr=False)  # the compiled one-token forward of greedy.greedy_decode
 
     def uses_fast_decode(self) -> bool:
         """policy.vlm_fast_decode, where this transformers has what it needs (forcing it errors)."""
@@ -196,10 +198,26 @@ class QwenVL:
         if fast:
             options.update(self._fast_options(int(batch["input_ids"].shape[1]), int(max_new_tokens)))
         start = time.perf_counter()
+        if fast and not sample and greedy.handles(self.model.generation_config):
+            new = self._greedy(batch, options)
+            if self.first_fast_seconds is None:
+                self.first_fast_seconds = time.perf_counter() - start
+            return new
         output = self.model.generate(**batch, **options)
         if fast and self.first_fast_seconds is None:
             self.first_fast_seconds = time.perf_counter() - start
         return output[0, batch["input_ids"].shape[1]:]
+
+    def _greedy(self, batch: dict[str, torch.Tensor], options: dict[str, Any]) -> torch.Tensor:
+        """Greedy decoding of the fast path by :func:`greedy.greedy_decode`, into this model's static cache."""
+        if self._step is None:
+            self._step = greedy.compile_step(self.model, self.compile_backend)
+        cache = options.get("cache", options.get("past_key_values"))
+        config = self.model.generation_config
+        eos = [] if config.eos_token_id is None else list(np.atleast_1d(config.eos_token_id))
+        min_new = options.get("min_new_tokens", config.min_new_tokens)  # generate falls back on the config's
+        return greedy.greedy_decode(self.model, batch, cache, self._step, int(options["max_new_tokens"]),
+                                    float(options["repetition_penalty"]), int(min_new or 0), [int(e) for e in eos])
 
     def generate(
         self,
