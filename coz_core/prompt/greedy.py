@@ -106,7 +106,8 @@ def greedy_decode(
             logits = logits.index_fill(1, eos, float("-inf"))
         token = logits.argmax(dim=-1)
         tokens[n] = token[0]
-        seen.index_fill_(1, token, True)
+        if penalize:
+            seen.index_fill_(1, token, True)
         produced = n + 1
         if eos.numel() and (produced % CHECK_EVERY == 0) and bool(torch.isin(tokens[:produced], eos).any()):
             break

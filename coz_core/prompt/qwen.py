@@ -19,10 +19,12 @@ independent construction.
 
 Fast decoding (on by default on CUDA, off elsewhere; ``QwenVL.fast_decode`` forces it): transformers'
 own ``StaticCache`` (one per loaded model, reset for every call, its length rounded up to a
-bucket) with generate's automatic compilation of the decoding step (``CompileConfig``, mode
-``reduce-overhead``: CUDA graphs). Every chain step reuses one compiled graph; compilation
-happens on the first call and is paid once per loaded model (transformers keeps the compiled call
-on the model).
+bucket). Greedy prompts then run through a decoding loop of our own (``greedy.py``: prefill, then
+one-token forwards compiled once per model with ``torch.compile`` mode ``reduce-overhead``, CUDA
+graphs; tokens, repetition penalty and argmax stay on the device); sampling, and generation
+settings that loop does not reproduce, go through ``generate`` with the same cache and its
+automatic compilation of the decoding step (``CompileConfig``). Every chain step reuses one
+compiled graph; compilation happens on the first call and is paid once per loaded model.
 Greedy output is token-identical to plain ``generate`` (tests compare them on CPU with the static
 cache forced).
 """
