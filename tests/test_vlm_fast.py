@@ -45,7 +45,7 @@ def test_cpu_default_is_the_plain_path(vlm):
 def test_fast_path_is_token_identical_to_plain_generate(vlm, backend):
     # "static-cache": the static cache alone; "compiled": captured with torch.compile ("eager" backend)
     fast = replace(vlm, fast_decode=True, compile_backend="eager" if backend == "compiled" else None,
-                   _compile_config=None, _cache=None)
+                   _compile_config=None, _cache=None, _step=None)
     lengths = set()
     for seed, tokens in ((0, 24), (2, 40)):  # different images and lengths, one cache bucket
         inputs = _inputs(vlm, seed)
@@ -57,7 +57,59 @@ def test_fast_path_is_token_identical_to_plain_generate(vlm, backend):
         assert torch.equal(forced, vlm.generate_ids(inputs, 12, min_new_tokens=12)) and forced.numel() == 12
     assert max(lengths) > 4  # the comparison covered real decoding, not an immediate end token
     assert fast._cache[2] == 256  # one cache, reset and reused by every call above
-    if backend == "compiled":
-        assert fast.first_fast_seconds is not None and fast._compile_config.fullgraph
-        # one compiled call kept on the model for every later step
-        assert getattr(vlm.model, "_compiled_call", None) is not None
+    assert fast.first_fast_seconds is not None and fast._step is not None  # greedy.py's loop decoded
+    if backend == "compiled":  # one compiled step kept for every later call
+        assert fast._step != vlm.model.__call__
+
+
+@pytest.mark.parametrize("penalty, min_new", [(1.3, None), (1.0, None), (0.8, 6), (1.05, 3)])
+def test_fast_greedy_loop_matches_generate_with_penalty_min_tokens_and_end_tokens(vlm, penalty, min_new):
+    # the fast path's own greedy loop (greedy.py) against generate: repetition penalty, min_new_tokens,
+    # and a stop at an end token; a token the model emits early is made an end token so that the
+    # stop (and its masking under min_new_tokens) happens within the answer
+    fast = replace(vlm, fast_decode=True, compile_backend="eager", _compile_config=None, _cache=None, _step=None)
+    config = vlm.model.generation_config
+    original = config.eos_token_id
+    try:
+        for seed, tokens in ((5, 20), (6, 37)):
+            inputs = _inputs(vlm, seed, size=84 if seed == 6 else 56)
+            free = vlm.generate_ids(inputs, tokens, repetition_penalty=penalty)
+            assert torch.equal(fast.generate_ids(inputs, tokens, repetition_penalty=penalty), free)
+            config.eos_token_id = [*original, int(free[min(4, free.numel() - 1)])]  # one by the fifth token
+            # min_new_tokens as an argument, and (second input) from the model's generation config
+            options = {"min_new_tokens": min_new} if seed == 5 else {}
+            config.min_new_tokens = None if seed == 5 else min_new
+            plain = vlm.generate_ids(inputs, tokens, repetition_penalty=penalty, **options)
+            ids = fast.generate_ids(inputs, tokens, repetition_penalty=penalty, **options)
+            assert torch.equal(ids, plain), (seed, ids, plain)
+            assert fast._step is not None  # greedy.py's loop decoded
+            if min_new is None:
+                assert plain.numel() <= 5  # it stopped at the end token
+            else:  # the end token, due by the fifth token, was held back up to min_new_tokens
+                assert plain.numel() >= min_new and not set(plain[:min_new].tolist()) & set(config.eos_token_id)
+            config.eos_token_id, config.min_new_tokens = original, None
+    finally:
+        config.eos_token_id, config.min_new_tokens = original, None
+
+
+def test_sampling_and_other_generation_settings_use_generate(vlm, monkeypatch):
+    import coz_core.prompt.greedy as greedy
+
+    fast = replace(vlm, fast_decode=True, compile_backend=None, _compile_config=None, _cache=None, _step=None)
+    inputs = _inputs(vlm, 0)
+    expected = vlm.generate_ids(inputs, 16, min_new_tokens=16)
+    monkeypatch.setattr(greedy, "greedy_decode", lambda *a, **k: pytest.fail("greedy loop used"))
+    torch.manual_seed(0)
+    assert 0 < fast.generate_ids(inputs, 8, sample=True).numel() <= 8
+    # a setting the loop does not reproduce (here no_repeat_ngram_size): generate decodes instead
+    config = vlm.model.generation_config
+    config.no_repeat_ngram_size = 2
+    try:
+        assert not greedy.handles(config)
+        assert torch.equal(fast.generate_ids(inputs, 16, min_new_tokens=16),
+                           vlm.generate_ids(inputs, 16, min_new_tokens=16))
+    finally:
+        config.no_repeat_ngram_size = None
+    assert greedy.handles(config)
+    monkeypatch.undo()
+    assert torch.equal(fast.generate_ids(inputs, 16, min_new_tokens=16), expected)

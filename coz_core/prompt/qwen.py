@@ -19,10 +19,12 @@ independent construction.
 
 Fast decoding (on by default on CUDA, off elsewhere; ``QwenVL.fast_decode`` forces it): transformers'
 own ``StaticCache`` (one per loaded model, reset for every call, its length rounded up to a
-bucket) with generate's automatic compilation of the decoding step (``CompileConfig``, mode
-``reduce-overhead``: CUDA graphs). Every chain step reuses one compiled graph; compilation
-happens on the first call and is paid once per loaded model (transformers keeps the compiled call
-on the model).
+bucket). Greedy prompts then run through a decoding loop of our own (``greedy.py``: prefill, then
+one-token forwards compiled once per model with ``torch.compile`` mode ``reduce-overhead``, CUDA
+graphs; tokens, repetition penalty and argmax stay on the device); sampling, and generation
+settings that loop does not reproduce, go through ``generate`` with the same cache and its
+automatic compilation of the decoding step (``CompileConfig``). Every chain step reuses one
+compiled graph; compilation happens on the first call and is paid once per loaded model.
 Greedy output is token-identical to plain ``generate`` (tests compare them on CPU with the static
 cache forced).
 """
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 
 from ..policy import VLM_TOKENS
+from . import greedy
 from .adapter import AdapterMerge, check_adapter_folder, merge_lora
 from .base import PromptRequest
 from .clean import CLIP_TOKENS, clean_prompt
@@ -86,6 +89,7 @@ class QwenVL:
     first_fast_seconds: float | None = None  # the first fast call (compilation/capture included)
     _compile_config: Any = field(default=None, repr=False)
     _cache: Any = field(default=None, repr=False)  # (StaticCache, its device, its length)
+    _step: Any = field(default=None, repr=False)  # the compiled one-token forward of greedy.greedy_decode
 
     def uses_fast_decode(self) -> bool:
         """policy.vlm_fast_decode, where this transformers has what it needs (forcing it errors)."""
@@ -196,10 +200,26 @@ class QwenVL:
         if fast:
             options.update(self._fast_options(int(batch["input_ids"].shape[1]), int(max_new_tokens)))
         start = time.perf_counter()
+        if fast and not sample and greedy.handles(self.model.generation_config):
+            new = self._greedy(batch, options)
+            if self.first_fast_seconds is None:
+                self.first_fast_seconds = time.perf_counter() - start
+            return new
         output = self.model.generate(**batch, **options)
         if fast and self.first_fast_seconds is None:
             self.first_fast_seconds = time.perf_counter() - start
         return output[0, batch["input_ids"].shape[1]:]
+
+    def _greedy(self, batch: dict[str, torch.Tensor], options: dict[str, Any]) -> torch.Tensor:
+        """Greedy decoding of the fast path by :func:`greedy.greedy_decode`, into this model's static cache."""
+        if self._step is None:
+            self._step = greedy.compile_step(self.model, self.compile_backend)
+        cache = options.get("cache", options.get("past_key_values"))
+        config = self.model.generation_config
+        eos = [] if config.eos_token_id is None else list(np.atleast_1d(config.eos_token_id))
+        min_new = options.get("min_new_tokens", config.min_new_tokens)  # generate falls back on the config's
+        return greedy.greedy_decode(self.model, batch, cache, self._step, int(options["max_new_tokens"]),
+                                    float(options["repetition_penalty"]), int(min_new or 0), [int(e) for e in eos])
 
     def generate(
         self,
