@@ -162,7 +162,9 @@ def fit_kernels(guide_hr: torch.Tensor, lr_size: tuple[int, int] | None = None,
     Adam, lr decay) as one CUDA graph (``_GraphedStep``) instead of ~450 kernel launches; the
     loss and the largest sigma are still read once per step (the window depends on the sigmas),
     so the callback and the early stop see every step's loss. Adam then runs with
-    ``capturable=True`` and a tensor lr (equal to the eager fit to float rounding). Ignored
+    ``capturable=True`` and a tensor lr: an equally good fit, not a bit twin of the eager one
+    (H200, 20 steps: final loss 0.013561 vs 0.013557, outputs apart by 1e-3 on average, 10x the
+    run-to-run noise of the eager fit); 56x56x1 at 224 px: 81 ms instead of 159 ms. Ignored
     elsewhere.
     """
     guide = _check_guide(guide_hr)
