@@ -1,4 +1,13 @@
-"""Overlapping tiles with smooth blending, for models too large to run on a whole image at once.
+"""Tiles for models too large to run on a whole image at once: the pack's one tiling module.
+
+Two strategies (as UltimateSDUpscale names its seam fixes):
+
+- ``context_tiled_map``: disjoint tiles, each run with extra context on every side of which only
+  the centre is kept. No blending: exact where the model's reach is within the context (the
+  upscale models: Real-ESRGAN's influence fades to ~1e-3 at 64 pixels).
+- ``tiled_map``: overlapping tiles blended with smooth weights (for models whose output would
+  show a seam when cut, e.g. the VAE of the SD3 backbone); the whole-image engine streams tiles
+  with the same ``ramp`` weights.
 
 ``tiled_map(fn, x, ...)`` cuts ``x`` [B, C, H, W] into overlapping tiles, runs ``fn`` on each
 (``fn`` may change the channel count and scale the size, e.g. a VAE encoder by 1/8 or a decoder
@@ -25,7 +34,7 @@ def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[in
     return [min((round(i * (length - tile) / (n - 1)) // align) * align, length - tile) for i in range(n)]
 
 
-def _ramp(size: int, overlap: int, rise: bool, fall: bool, device, dtype) -> torch.Tensor:
+def ramp(size: int, overlap: int, rise: bool, fall: bool, device, dtype) -> torch.Tensor:
     """1-D weights: 1 in the middle, 0 -> 1 over ``overlap`` cells at a shared edge (zero margin first)."""
     w = torch.ones(size, device=device, dtype=dtype)
     if overlap <= 0:
@@ -74,9 +83,39 @@ def tiled_map(
                 raise ValueError(f"a {tile_h}x{tile_w} tile gave {ph}x{pw}, expected the tile scaled by {scale}")
             oy, ox = round(y * scale), round(x0 * scale)
             ov_h = ov_w = round(overlap * scale)
-            wy = _ramp(ph, ov_h, y > 0, y + tile_h < h, piece.device, torch.float32)
-            wx = _ramp(pw, ov_w, x0 > 0, x0 + tile_w < w, piece.device, torch.float32)
+            wy = ramp(ph, ov_h, y > 0, y + tile_h < h, piece.device, torch.float32)
+            wx = ramp(pw, ov_w, x0 > 0, x0 + tile_w < w, piece.device, torch.float32)
             w2 = wy[:, None] * wx[None, :]
             out[..., oy:oy + ph, ox:ox + pw] += piece.float() * w2
             weight[oy:oy + ph, ox:ox + pw] += w2
     return out / weight  # float32
+
+
+def spans(length: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` disjoint spans covering ``length`` cells, as even as integers allow."""
+    edges = [round(i * length / parts) for i in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def context_tiled_map(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    tile: int,
+    context: int,
+    scale: int = 1,
+) -> torch.Tensor:
+    """``fn`` (output ``scale`` times the input size) applied to ``x`` [B, C, H, W] in disjoint
+    tiles of at most ``tile`` cells, each run with ``context`` extra cells on every side (fewer at
+    the image border) of which only the centre is kept. Returns float32."""
+    _, _, h, w = x.shape
+    out = None
+    for y0, y1 in spans(h, math.ceil(h / tile)):
+        for x0, x1 in spans(w, math.ceil(w / tile)):
+            cy0, cy1 = max(y0 - context, 0), min(y1 + context, h)
+            cx0, cx1 = max(x0 - context, 0), min(x1 + context, w)
+            piece = fn(x[..., cy0:cy1, cx0:cx1])
+            if out is None:
+                out = torch.empty(*piece.shape[:-2], h * scale, w * scale, device=piece.device, dtype=torch.float32)
+            out[..., y0 * scale:y1 * scale, x0 * scale:x1 * scale] = piece[
+                ..., (y0 - cy0) * scale:(y1 - cy0) * scale, (x0 - cx0) * scale:(x1 - cx0) * scale]
+    return out

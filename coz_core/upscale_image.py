@@ -47,7 +47,7 @@ from .color import COLOR_METHODS, align_color
 from .imageops import resize
 from .prompt.base import FixedPrompts, PromptRequest, PromptSource, compose_prompt
 from .sr.base import SRBackbone, SRRequest
-from .tiling import _ramp, tile_starts
+from .tiling import ramp, tile_starts
 
 BLENDS = ("cosine", "gaussian")
 CONTEXT_SIZE = 512  # short side of the zoom-out view the VLM sees (upstream)
@@ -143,7 +143,7 @@ def _profile(size: int, overlap: int, rise: bool, fall: bool, blend: str) -> tor
     if blend == "gaussian":  # upstream's weight: variance 0.01 of the tile size, never zero
         x = (torch.arange(size, dtype=torch.float64) - (size - 1) / 2) / size
         return torch.exp(-x * x / 0.02).float()
-    return _ramp(size, overlap, rise, fall, "cpu", torch.float32)
+    return ramp(size, overlap, rise, fall, "cpu", torch.float32)
 
 
 def blend_profiles(tiles: list[Tile], height: int, width: int, overlap: int, blend: str

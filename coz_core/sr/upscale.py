@@ -7,7 +7,6 @@ centres are kept, so tiled output matches untiled output up to the model's far-f
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 
 from .. import policy
 from ..imageops import resize
+from ..tiling import context_tiled_map
 from .base import SRRequest
 
 
@@ -22,11 +22,6 @@ def _placement(module: nn.Module | None) -> tuple[torch.device, torch.dtype]:
     for tensor in (module.parameters() if module is not None else ()):
         return tensor.device, tensor.dtype
     return torch.device("cpu"), torch.float32
-
-
-def _spans(length: int, parts: int) -> list[tuple[int, int]]:
-    edges = [round(i * length / parts) for i in range(parts + 1)]
-    return list(zip(edges[:-1], edges[1:]))
 
 
 class UpscaleModelBackbone:
@@ -111,7 +106,9 @@ class UpscaleModelBackbone:
             if self.tile is None or (max(h, w) <= self.tile and b * h * w <= self.tile**2):
                 out = self._run(x)
             else:
-                out = torch.cat([self._tiled(x[i:i + 1]) for i in range(b)])
+                # per image: a tile's pixel budget is for one image
+                out = torch.cat([context_tiled_map(self._run, x[i:i + 1], self.tile, self.overlap, self.scale)
+                                 for i in range(b)])
         finally:
             if original is not None:
                 self._place(*original, channels_last=False)
@@ -128,18 +125,3 @@ class UpscaleModelBackbone:
                 f"expected {expected} for scale {self.scale}"
             )
         return out.float().contiguous()
-
-    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
-        """One image [1, 3, h, w] in tiles: each runs with ``overlap`` context, its centre is kept."""
-        _, c, h, w = x.shape
-        s, pad = self.scale, self.overlap
-        rows, cols = math.ceil(h / self.tile), math.ceil(w / self.tile)
-        out = torch.empty(1, c, h * s, w * s, device=x.device, dtype=torch.float32)
-        for y0, y1 in _spans(h, rows):
-            for x0, x1 in _spans(w, cols):
-                cy0, cy1 = max(y0 - pad, 0), min(y1 + pad, h)
-                cx0, cx1 = max(x0 - pad, 0), min(x1 + pad, w)
-                tile = self._run(x[..., cy0:cy1, cx0:cx1])
-                out[..., y0 * s:y1 * s, x0 * s:x1 * s] = tile[
-                    ..., (y0 - cy0) * s:(y1 - cy0) * s, (x0 - cx0) * s:(x1 - cx0) * s]
-        return out
