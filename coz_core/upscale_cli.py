@@ -2,15 +2,15 @@
 
 Per input image it writes ``OUT/<name>/<name>_x<factor>.png`` (RGBA when the input has alpha),
 ``prompts.txt`` (one line per tile) and ``manifest.json`` (settings, passes, tile grid, every
-tile's prompt and timings, memory estimate, versions). Files appear only when complete: they are
-written under a temporary name and renamed; an error or Ctrl-C leaves nothing half-written.
-Backbones and prompt options are those of ``coz-zoom``.
+tile's prompt and timings, memory estimate, versions). Output folders follow ``coz-zoom``'s rules
+(coz_core/output.py): checked before any compute, distinct for inputs that share a stem, existing
+results refused unless ``--overwrite``, each folder written aside and renamed into place whole, so
+an error or Ctrl-C leaves nothing half-written. Backbones and prompt options are those of ``coz-zoom``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -22,6 +22,7 @@ from . import __version__, factory, policy
 from .cli import add_model_arguments, build_backbone, build_prompt_source, collect_inputs, step_texts
 from .color import COLOR_METHODS
 from .imageops import _read_array, save_image
+from .output import check_output, folder_names, write_atomically
 from .upscale_image import (
     BLENDS, PROMPT_BATCH, PROMPT_TOKENS, UpscaleConfig, UpscaleResult, count_units, upscale_image,
 )
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-limit", type=float, default=None,
                    help="GB the image buffers may take (default: the memory available now)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing result folders in OUT as a whole (default: refuse)")
 
     add_model_arguments(p, "tile", PROMPT_TOKENS, "--tile-prompts",
                         "without --vlm: prompts per tile in raster order separated by '|' (the last repeats)")
@@ -67,30 +70,23 @@ def load_with_alpha(path: Path) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
 
 
-def _atomic(path: Path, write) -> None:
-    """``write(tmp)`` then rename onto ``path``: readers never see a partial file."""
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def output_name(result: UpscaleResult, source: Path) -> str:
+    return f"{source.stem}_x{result.config.factor}.png"
 
 
-def write_outputs(result: UpscaleResult, folder: Path, source: Path, extra: dict) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"{source.stem}_x{result.config.factor}.png"
+def write_outputs(result: UpscaleResult, folder: Path, source: Path, extra: dict) -> None:
+    """The enlarged image(s), prompts.txt and manifest.json into ``folder``."""
+    name = output_name(result, source)
     for b in range(result.image.shape[0]):
         target = folder / (name if result.image.shape[0] == 1 else f"{source.stem}_x{result.config.factor}_b{b}.png")
-        _atomic(target, lambda tmp: save_image(result.image[b], tmp))
+        save_image(result.image[b], target)
     lines = [f"pass {t.pass_index} tile {t.tile.index} (row {t.tile.row}, col {t.tile.col}): {t.prompt}"
              for t in result.tiles]
-    _atomic(folder / "prompts.txt", lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
+    (folder / "prompts.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     manifest = {"input": str(source), **result.record(), **extra,
                 "versions": {"coz_core": __version__, "torch": torch.__version__,
                              "python": platform.python_version()}}
-    _atomic(folder / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8"))
-    return folder / name
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                            blend=args.blend, user_prompt=args.prompt, seed=args.seed, memory_limit=limit)
     try:
         inputs = collect_inputs(args.inputs)
+        names = folder_names(inputs)
+        check_output(args.output, names, args.overwrite)
         device = policy.parse_device(args.device)
         factory.prompt_type(args.prompt_type, args.vlm, args.vlm_adapter, step_texts(args))  # before loading
         backbone = build_backbone(args, device)
@@ -115,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     failures = 0
-    for path in inputs:
+    for path, name in zip(inputs, names):
         try:
             image = load_with_alpha(path)
         except (ValueError, FileNotFoundError) as exc:
@@ -137,9 +135,17 @@ def main(argv: list[str] | None = None) -> int:
             failures += 1
             continue
         bar.close()
-        out = write_outputs(result, args.output / path.stem, path, {"seconds_total": time.perf_counter() - t0})
+        folder, extra = args.output / name, {"seconds_total": time.perf_counter() - t0}
+        try:
+            write_atomically(folder, lambda tmp: write_outputs(result, tmp, path, extra))
+        except OSError as exc:
+            print(f"coz-upscale: could not write the results of {path} to {folder} ({exc}); nothing of it "
+                  "was kept", file=sys.stderr)
+            failures += 1
+            continue
         w, h = result.image.shape[-1], result.image.shape[-2]
-        print(f"{path.name}: x{config.factor} -> {w}x{h}, {len(result.tiles)} tiles -> {out}")
+        print(f"{path.name}: x{config.factor} -> {w}x{h}, {len(result.tiles)} tiles -> "
+              f"{folder / output_name(result, path)}")
     return 1 if failures else 0
 
 

@@ -26,7 +26,28 @@ def test_cli_writes_image_prompts_and_manifest(tmp_path, monkeypatch):
     assert manifest["passes"][0]["grid"] == [2, 2] and len(manifest["tiles"]) == 4
     assert [t["prompt"] for t in manifest["tiles"]] == ["sky, photo,"] + ["suit, photo,"] * 3
     assert manifest["tiles"][0]["seconds"]["model"] > 0 and manifest["config"]["factor"] == 2
-    assert not list(folder.glob(".*partial*"))
+    assert not list((tmp_path / "out").glob(".*partial*")) and not list(folder.glob(".*partial*"))
+
+
+def test_cli_output_folders_follow_coz_zoom_rules(tmp_path, monkeypatch, capsys):
+    """Same-stem inputs get their own folders; existing results are refused before any compute
+    unless --overwrite, which replaces the folder as a whole."""
+    monkeypatch.setattr(cli, "build_backbone", small_backbone)
+    image = resize(load_image(cli.collect_inputs([])[0]), (24, 32), "lanczos").clamp(0, 1)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    save_image(image, inputs / "photo.png")
+    save_image(image, inputs / "photo.jpg")
+    out = tmp_path / "out"
+    args = [str(inputs), "-o", str(out), "--factor", "2", "--quiet"]
+    assert cli.main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["photo_jpg", "photo_png"]
+    (out / "photo_png" / "stale.txt").write_text("x")
+    monkeypatch.setattr(cli, "build_backbone", lambda *_: (_ for _ in ()).throw(AssertionError("loaded a model")))
+    assert cli.main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "build_backbone", small_backbone)
+    assert cli.main([*args, "--overwrite"]) == 0
+    assert not (out / "photo_png" / "stale.txt").exists() and (out / "photo_png" / "photo_x2.png").is_file()
 
 
 def test_cli_refuses_bad_factor_and_writes_nothing(tmp_path, monkeypatch, capsys):
