@@ -21,7 +21,7 @@ import torch
 from . import __version__, factory, policy
 from .cli import add_model_arguments, build_backbone, build_prompt_source, collect_inputs, step_texts
 from .color import COLOR_METHODS
-from .imageops import _read_array, save_image
+from .imageops import ImageTooLarge, _read_array, save_image
 from .output import check_output, folder_names, write_atomically
 from .upscale_image import (
     BLENDS, PROMPT_BATCH, PROMPT_TOKENS, UpscaleConfig, UpscaleResult, count_units, upscale_image,
@@ -65,6 +65,8 @@ def load_with_alpha(path: Path) -> torch.Tensor:
     try:
         with Image.open(path) as img:
             array = _read_array(img, path)  # 16-bit and float precision kept
+    except Image.DecompressionBombError as exc:  # skipped like coz-zoom skips it (the output would be larger still)
+        raise ImageTooLarge(f"{path} is too large to read safely ({exc})") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{path} is not an image Pillow can read ({exc})") from exc
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)

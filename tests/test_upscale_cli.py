@@ -56,3 +56,19 @@ def test_cli_refuses_bad_factor_and_writes_nothing(tmp_path, monkeypatch, capsys
     assert "x4 and x2 passes" in capsys.readouterr().err and not (tmp_path / "out").exists()
     assert cli.main(["-o", str(tmp_path / "out"), "--factor", "16", "--memory-limit", "0.001", "--quiet"]) == 1
     assert "GB" in capsys.readouterr().err and not list((tmp_path / "out").rglob("*.png"))
+
+
+def test_an_image_over_pillow_s_limit_is_skipped_and_the_others_run(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    monkeypatch.setattr(cli, "build_backbone", small_backbone)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    image = resize(load_image(cli.collect_inputs([])[0]), (24, 32), "lanczos").clamp(0, 1)
+    save_image(image, inputs / "a.png")
+    save_image(resize(image, (96, 128), "bicubic").clamp(0, 1), inputs / "b_big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 96 x 128 is over twice this: a bomb
+    assert cli.main([str(inputs), "-o", str(tmp_path / "out"), "--factor", "2", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "b_big.png is too large to read safely" in err and "Traceback" not in err
+    assert (tmp_path / "out" / "a" / "a_x2.png").is_file()
