@@ -111,12 +111,8 @@ def add_model_arguments(p: argparse.ArgumentParser, unit: str, tokens: int, text
     vlm.add_argument(texts_flag, dest="step_prompts", default=None, help=texts_help)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="coz-zoom",
-        description="Chain-of-Zoom: zoom into an image step by step (4x, 16x, 64x, 256x ...) "
-        "with one SR model. Without IMAGE, zooms into the bundled sample photo.",
-    )
+def add_chain_arguments(p: argparse.ArgumentParser) -> None:
+    """Inputs, output, chain geometry and colour: shared by coz-zoom and coz-eval."""
     p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_FOLDER", help="images or folders of images")
     p.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     p.add_argument("--steps", type=int, default=4,
@@ -128,11 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--center", type=_center, default=None,
                    help="zoom target x,y, each 0..1 of the input (default 0.5,0.5; on the bundled "
                    "sample its mission patch)")
-    p.add_argument("--mode", choices=MODES, default="recursive_multiscale", help=MODE_HELP)
     p.add_argument("--color", choices=sorted(COLOR_METHODS), default="wavelet",
                    help="colour alignment after each SR step: wavelet (default), adain, bilateral "
                    "(edge-aware) or none (the reference)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="coz-zoom",
+        description="Chain-of-Zoom: zoom into an image step by step (4x, 16x, 64x, 256x ...) "
+        "with one SR model. Without IMAGE, zooms into the bundled sample photo.",
+    )
+    add_chain_arguments(p)
+    p.add_argument("--mode", choices=MODES, default="recursive_multiscale", help=MODE_HELP)
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing result folders in OUT as a whole (default: refuse)")
     p.add_argument("--allow-large", action="store_true",

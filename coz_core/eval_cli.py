@@ -26,13 +26,17 @@ class _NoMode(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # coz-zoom's options (inputs, -o, geometry, backbone, SD3, VLM) are inherited so both stay alike
+    # coz-zoom's own argument builders (inputs, -o, geometry, backbone, SD3, VLM), so both stay
+    # alike; coz-zoom's output options (--video, --overwrite, ...) do not apply here
     p = argparse.ArgumentParser(
-        prog="coz-eval", parents=[cli.build_parser()], conflict_handler="resolve",
+        prog="coz-eval",
         description="Quality table like the CoZ paper's: nearest, bicubic, direct SR and the chain "
         "at 4x, 16x, 64x, 256x, scored with no-reference metrics. Without IMAGE, uses the bundled "
         "sample. Needs pip install 'chain-of-zoom[eval]'.",
     )
+    cli.add_chain_arguments(p)
+    cli.add_model_arguments(p, "step", policy.VLM_TOKENS, "--step-prompts",
+                            "without --vlm: prompts per step separated by '|' (the last repeats)")
     p.add_argument("--mode", action=_NoMode, help=argparse.SUPPRESS)
     p.add_argument("--metrics", default=",".join(METRICS),
                    help=f"comma-separated metrics (default {','.join(METRICS)})")
