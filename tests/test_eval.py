@@ -150,3 +150,12 @@ def test_mean_table_skips_nan_and_formats():
     text = format_table(table, ["niqe"], 3)
     assert text.splitlines()[0] == "| method | 4x NIQE↓ | 16x NIQE↓ |"
     assert "| CoZ | 5.00 |  |" in text and "| bicubic |  | 9.00 |" in text
+
+
+@pytest.mark.parametrize("option", [["--video", "zoom.mp4"], ["--overwrite"], ["--allow-large"], ["--mode", "nearest"]])
+def test_coz_zoom_only_options_are_refused_not_ignored(option, capsys):
+    from coz_core.eval_cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["-o", "out", *option])
+    assert "error" in capsys.readouterr().err
