@@ -43,6 +43,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from coz_core.imageops import load_image  # noqa: E402
 from coz_core.policy import sd3_precision  # noqa: E402
+from coz_core.prompt import attention  # noqa: E402
 from coz_core.prompt.base import PromptRequest  # noqa: E402
 from coz_core.prompt.qwen import MULTISCALE_SYSTEM, QwenPromptSource, QwenVL  # noqa: E402
 from coz_core.prompt.vision import prepare_images  # noqa: E402
@@ -244,6 +245,21 @@ def section_vlm(report: Report, models: Models, args, device: torch.device) -> N
             return
     same = torch.equal(results["plain generate"], results["fast path"])
     report.row("vlm", f"fast path tokens == plain generate tokens ({n} greedy)", "yes" if same else "NO", identical=same)
+    decoder = vlm._step
+    if decoder is not None:
+        report.row("vlm", "fast path: CUDA graphs captured (one per loaded model)", str(decoder.captures))
+    images = prepare_images(previous) + prepare_images(zoomed)
+    prep = timed(lambda: vlm.inputs(images, MULTISCALE_SYSTEM), device, args.repeats)
+    report.row("vlm", "prompt step: image processor + chat template + tokens (CPU)", ms(prep), seconds=prep)
+    if vlm.model.config.vision_config._attn_implementation == attention.NAME:
+        # the vision tower's attention as transformers runs it with "sdpa": one call per window
+        vlm.model.set_attn_implementation({"vision_config": "sdpa"})
+        try:
+            before = timed(lambda: vlm.generate_ids(inputs, 1, min_new_tokens=1), device, args.repeats)
+        finally:
+            attention.use_fast_vision_attention(vlm.model)
+        report.row("vlm", "fast path: prefill + 1st token, vision attention window by window (sdpa)", ms(before),
+                   seconds=before)
     vlm.fast_decode = None  # policy default from here on: on for CUDA
 
 
@@ -309,6 +325,16 @@ def section_sd3(report: Report, models: Models, args, device: torch.device) -> N
                max=float(diff.max()), mean=float(diff.mean()), psnr=psnr)
     _sd3_parts(report, b, f"{dt(b.transformer)} transformer, {dt(vae16)} VAE", x, device, args.repeats)
     del vae32
+    if device.type == "cuda":  # the VAE's convolutions in channels-last (NHWC), then also with cuDNN's autotuner
+        b.latent_mode = "mean"
+        b.vae = vae16.to(memory_format=torch.channels_last)
+        out_cl = b(req)
+        report.row("sd3", "VAE channels_last vs contiguous, whole step output", f"max {(out_cl - out).abs().max():.2e}")
+        b.latent_mode = "sample"
+        _sd3_parts(report, b, f"{dt(b.transformer)} transformer, {dt(vae16)} VAE channels_last", x, device, args.repeats)
+        with torch.backends.cudnn.flags(enabled=True, benchmark=True):
+            _sd3_parts(report, b, f"{dt(b.transformer)} transformer, {dt(vae16)} VAE channels_last, cudnn.benchmark",
+                       x, device, args.repeats)
     if device.type != "cuda" and not args.compile_on_cpu:
         report.row("sd3", "compiled", "skipped on CPU")
         return
@@ -350,6 +376,25 @@ def _chain_rows(report: Report, label: str, models: Models, args, device, backbo
     if device.type == "cuda":
         report.row("chain", f"{label}: GPU memory resident before / peak", f"{resident:.2f} / {peak(device):.2f} GiB",
                    resident_gib=resident, peak_gib=peak(device))
+    if isinstance(backbone, CoZSD3Backbone):
+        _phase_peaks(report, label, backbone, source, device, args.size)
+
+
+def _phase_peaks(report: Report, label: str, b: CoZSD3Backbone, source, device, size: int) -> None:
+    """How far above the resident weights each part of a step goes: where the peak comes from."""
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(2)).to(device)
+    z = b.encode(x * 2 - 1)
+    cond = b.text_encoder(["a photo"])
+    parts = {"prompt step": lambda: source(PromptRequest(x, x, step=1)),
+             "text encoding": lambda: b.text_encoder([f"peak {next(_PROMPTS)}"]),
+             "VAE encode": lambda: b.encode(x * 2 - 1), "transformer": lambda: b.velocity(z, cond),
+             "VAE decode": lambda: b.decode(z)}
+    above = []
+    for name, fn in parts.items():
+        base = reset_peak(device)
+        fn()
+        above.append(f"{name} {peak(device) - base:.2f}")
+    report.row("chain", f"{label}: GiB above resident per part", ", ".join(above))
 
 
 def section_chain(report: Report, models: Models, args, device: torch.device) -> None:
@@ -374,6 +419,8 @@ def section_chain(report: Report, models: Models, args, device: torch.device) ->
     if cuda:
         torch.cuda.empty_cache()
     _chain_rows(report, "compact (fp8 transformer, not compiled)", models, args, device)
+    if args.no_lowvram:
+        return
     # lowvram: compact, and the VLM and SD3 take turns on the GPU
     turned, source = take_turns(b, QwenPromptSource(models.vlm, max_new_tokens=args.tokens), device)
     fast = models.vlm.fast_decode
@@ -422,6 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="chain steps (4; tiny: 2)")
     parser.add_argument("--repeats", type=int, default=None, help="best of (3; tiny: 1)")
     parser.add_argument("--compile-vae", action="store_true", help="also compile the VAE (slower to compile)")
+    parser.add_argument("--no-lowvram", action="store_true", help="leave out the lowvram chain (slow: weights move)")
     parser.add_argument("--compile-on-cpu", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # "eager": CPU checks
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiply every section's time limit")

@@ -32,6 +32,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from qwen_fixtures import CHAT_TEMPLATE, PREPROCESSOR, build_tokenizer  # noqa: E402
 
+from coz_core.prompt.attention import use_fast_vision_attention  # noqa: E402
 from coz_core.prompt.base import PromptRequest  # noqa: E402
 from coz_core.prompt.qwen import MULTISCALE_SYSTEM, QwenPromptSource, QwenVL  # noqa: E402
 from coz_core.prompt.vision import prepare_images  # noqa: E402
@@ -87,6 +88,7 @@ def vlm_from_config(config, dtype: torch.dtype, device: str, tokenizer, ids) -> 
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
+    use_fast_vision_attention(model)  # as load_qwen_vl does
     # random weights never say <|im_end|> on purpose; without an end token every step runs to the limit
     model.generation_config = GenerationConfig(pad_token_id=ids["<|endoftext|>"])
     settings = {k: v for k, v in PREPROCESSOR.items() if not k.endswith(("_type", "_class"))}

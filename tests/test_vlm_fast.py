@@ -98,7 +98,7 @@ def test_sampling_and_other_generation_settings_use_generate(vlm, monkeypatch):
     fast = replace(vlm, fast_decode=True, compile_backend=None, _compile_config=None, _cache=None, _step=None)
     inputs = _inputs(vlm, 0)
     expected = vlm.generate_ids(inputs, 16, min_new_tokens=16)
-    monkeypatch.setattr(greedy, "greedy_decode", lambda *a, **k: pytest.fail("greedy loop used"))
+    monkeypatch.setattr(greedy.GreedyDecoder, "__call__", lambda *a, **k: pytest.fail("greedy loop used"))
     torch.manual_seed(0)
     assert 0 < fast.generate_ids(inputs, 8, sample=True).numel() <= 8
     # a setting the loop does not reproduce (here no_repeat_ngram_size): generate decodes instead
@@ -113,3 +113,22 @@ def test_sampling_and_other_generation_settings_use_generate(vlm, monkeypatch):
     assert greedy.handles(config)
     monkeypatch.undo()
     assert torch.equal(fast.generate_ids(inputs, 16, min_new_tokens=16), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
+def test_cuda_graph_decoding_equals_generate_and_is_captured_once(tmp_path):
+    # float32 on the GPU: the captured loop against plain generate, one capture for every call,
+    # and a new capture (not stale addresses) after the weights moved
+    vlm = load_qwen_vl(make_tiny_qwen(tmp_path / "q"), device="cuda")
+    fast = replace(vlm, fast_decode=True, compile_backend="eager")
+    for seed, tokens in ((0, 24), (2, 40)):
+        inputs = _inputs(vlm, seed)
+        assert torch.equal(fast.generate_ids(inputs, tokens), vlm.generate_ids(inputs, tokens))
+        forced = fast.generate_ids(inputs, 12, min_new_tokens=12)
+        assert torch.equal(forced, vlm.generate_ids(inputs, 12, min_new_tokens=12))
+    assert fast._step.capture and fast._step.captures == 1
+    vlm.model.to("cpu")
+    vlm.model.to("cuda")
+    inputs = _inputs(vlm, 3)
+    assert torch.equal(fast.generate_ids(inputs, 20, min_new_tokens=20), vlm.generate_ids(inputs, 20, min_new_tokens=20))
+    assert fast._step.captures == 2

@@ -15,9 +15,14 @@ min_new_tokens=m, max_new_tokens=n)`` of the installed transformers (5.x), batch
 
 Departures, for speed: the tokens stay on the device and end tokens are looked for every
 ``CHECK_EVERY`` tokens (one host sync each), then the answer is cut after the first one, so a
-few tokens past the end may be computed and dropped; the one-token decoding forward is compiled
-once per model (``torch.compile``, ``reduce-overhead``: CUDA graphs) and replayed for every
-token of every later call. Sampling is not handled here (generate does it).
+few tokens past the end may be computed and dropped. Every token after the first is one call of
+:meth:`GreedyDecoder._advance` on buffers at fixed addresses (position + 1, the one-token forward,
+scores, argmax, bookkeeping). The forward is compiled once per model (``torch.compile``); on
+CUDA the whole of ``_advance`` is then captured as one CUDA graph and replayed for every later
+token of every later call, so a token costs the host one ``replay()`` instead of hundreds of
+kernel launches and torch.compile's per-call guard checks (measured: the host, not the GPU, had
+set the pace of compiled decoding with ``reduce-overhead``). Sampling is not handled here
+(generate does it).
 """
 from __future__ import annotations
 
@@ -43,11 +48,12 @@ def handles(config: Any) -> bool:
             and getattr(config, "guidance_scale", None) in (None, 1))
 
 
-def compile_step(model: Any, backend: str | None) -> Callable[..., Any]:
-    """The model's one-token forward, compiled with ``backend`` (None: not compiled)."""
+def compile_step(model: Any, backend: str | None, graphs_by_caller: bool = False) -> Callable[..., Any]:
+    """The model's one-token forward, compiled with ``backend`` (None: not compiled). Inductor adds
+    its own CUDA graphs (``reduce-overhead``) unless the caller captures them (``graphs_by_caller``)."""
     if backend is None:
         return model.__call__
-    mode = "reduce-overhead" if backend == "inductor" else None
+    mode = "reduce-overhead" if backend == "inductor" and not graphs_by_caller else None
     return torch.compile(model.__call__, backend=backend, mode=mode, fullgraph=True, dynamic=False)
 
 
@@ -61,59 +67,131 @@ def prompt_positions(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor
     return torch.cat([text[None], rope.to(text.device)], dim=0)
 
 
-@torch.inference_mode()
-def greedy_decode(
-    model: Any,
-    batch: dict[str, torch.Tensor],
-    cache: Any,
-    step: Callable[..., Any],
-    max_new_tokens: int,
-    repetition_penalty: float = 1.0,
-    min_new_tokens: int = 0,
-    eos_token_ids: list[int] | tuple[int, ...] = (),
-) -> torch.Tensor:
-    """The new token ids [n] of greedy decoding (see the module docstring), ``cache`` reset by the caller.
+class GreedyDecoder:
+    """Greedy decoding (see the module docstring) into one static ``cache``, for every call.
 
-    ``batch``: the model inputs on the model's device (input_ids [1, L], attention_mask of ones,
-    pixel_values, image_grid_thw, mm_token_type_ids where the model takes it); ``step``: from
-    :func:`compile_step`."""
-    ids = batch["input_ids"]
-    if ids.shape[0] != 1 or ("attention_mask" in batch and not bool(batch["attention_mask"].all())):
-        raise ValueError("greedy_decode takes one unpadded sequence; use generate for padded batches")
-    device = ids.device
-    positions = prompt_positions(model, batch)
-    out = model(**batch, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1].float()
-    vocab = logits.shape[-1]
-    penalize = float(repetition_penalty) != 1.0
-    seen = torch.zeros(1, vocab + 1, dtype=torch.bool, device=device)  # last column: ids past the vocab
-    seen.scatter_(1, ids.clamp(max=vocab), True)
-    seen = seen[:, :vocab]
-    eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
-    tokens = torch.empty(max_new_tokens, dtype=torch.long, device=device)
-    last = positions[..., -1:]  # [4, 1, 1]
-    produced = 0
-    for n in range(max_new_tokens):
-        if n:
-            last = last + 1
-            torch.compiler.cudagraph_mark_step_begin()
-            logits = step(input_ids=tokens[n - 1].view(1, 1), position_ids=last, cache=cache,
-                          use_cache=True).logits[:, -1].float()
-        if penalize:
-            logits = torch.where(seen, torch.where(logits < 0, logits * repetition_penalty,
-                                                   logits / repetition_penalty), logits)
-        if n < min_new_tokens and eos.numel():
-            logits = logits.index_fill(1, eos, float("-inf"))
-        token = logits.argmax(dim=-1)
-        tokens[n] = token[0]
-        if penalize:
-            seen.index_fill_(1, token, True)
-        produced = n + 1
-        if eos.numel() and (produced % CHECK_EVERY == 0) and bool(torch.isin(tokens[:produced], eos).any()):
-            break
-    tokens = tokens[:produced]
-    if eos.numel():
-        hits = torch.isin(tokens, eos).nonzero()
-        if hits.numel():
-            tokens = tokens[: int(hits[0, 0]) + 1]
-    return tokens
+    ``length``: the cache's length (no call decodes more); ``forward``: from :func:`compile_step`. ``capture`` (CUDA): the per-token step runs for real
+    ``WARMUP`` times on a side stream (the first compiles the forward), is then captured as a CUDA
+    graph and replayed from there on. The graph holds the addresses of the cache, the buffers and
+    the weights: moved weights get a new capture (checked once per call), a new cache a new decoder.
+    The repetition penalty is a constant of the graph (as generate's processor takes it); another
+    penalty gets a new capture."""
+
+    WARMUP = 2
+
+    def __init__(self, model: Any, cache: Any, length: int, forward: Callable[..., Any], capture: bool = False):
+        self.model, self.cache, self.length, self.forward, self.capture = model, cache, length, forward, capture
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.warm = 0  # real steps run since the last change of what the graph holds
+        self.key: tuple | None = None  # (penalty, weight and cache addresses) the graph was made for
+        self.penalty = 1.0
+        self.buffers_for: tuple | None = None  # (vocab, device) of the buffers
+        self.captures = 0  # how many graphs were captured (tests, benchmarks)
+
+    def _buffers(self, vocab: int, device: torch.device) -> None:
+        if self.buffers_for == (vocab, device):
+            return
+        self.graph, self.warm, self.buffers_for = None, 0, (vocab, device)
+        length = self.length
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)  # the last token
+        self.position = torch.zeros(4, 1, 1, dtype=torch.long, device=device)  # its positions
+        self.index = torch.zeros(1, dtype=torch.long, device=device)  # tokens produced so far
+        self.tokens = torch.zeros(length, dtype=torch.long, device=device)
+        self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)  # ids the penalty applies to
+        self.end = torch.zeros(1, vocab, dtype=torch.bool, device=device)  # end tokens
+        self.min_new = torch.zeros((), dtype=torch.long, device=device)
+
+    def _choose(self, logits: torch.Tensor) -> None:
+        """Scores of ``logits`` [1, vocab] (float32), their argmax, and its bookkeeping."""
+        if self.penalty != 1.0:
+            p = self.penalty
+            logits = torch.where(self.seen, torch.where(logits < 0, logits * p, logits / p), logits)
+        logits = logits.masked_fill(self.end & (self.index < self.min_new), float("-inf"))
+        token = logits.argmax(dim=-1, keepdim=True)  # [1, 1]
+        self.token.copy_(token)
+        self.tokens.index_copy_(0, self.index, token.view(1))
+        self.seen.scatter_(1, token, True)
+        self.index.add_(1)
+
+    def _advance(self) -> None:
+        """One token: forward of the last one at the next position, then :meth:`_choose`."""
+        self.position.add_(1)
+        out = self.forward(input_ids=self.token, position_ids=self.position, cache=self.cache, use_cache=True)
+        self._choose(out.logits[:, -1].float())
+
+    def _step(self) -> None:
+        if not self.capture:
+            self._advance()
+        elif self.graph is not None:
+            self.graph.replay()
+        elif self.warm < self.WARMUP:
+            side, main = torch.cuda.Stream(), torch.cuda.current_stream()
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                self._advance()
+            main.wait_stream(side)
+            self.warm += 1
+        else:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._advance()
+            self.graph = graph
+            self.captures += 1
+            graph.replay()
+
+    def _addresses(self) -> tuple:
+        layers = getattr(self.cache, "layers", [])
+        return (tuple(p.data_ptr() for p in self.model.parameters())
+                + tuple(t.data_ptr() for layer in layers for t in (getattr(layer, "keys", None),
+                                                                    getattr(layer, "values", None)) if t is not None))
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        batch: dict[str, torch.Tensor],
+        max_new_tokens: int,
+        repetition_penalty: float = 1.0,
+        min_new_tokens: int = 0,
+        eos_token_ids: list[int] | tuple[int, ...] = (),
+    ) -> torch.Tensor:
+        """The new token ids [n] of greedy decoding, ``cache`` reset by the caller.
+
+        ``batch``: the model inputs on the model's device (input_ids [1, L], attention_mask of ones,
+        pixel_values, image_grid_thw, mm_token_type_ids where the model takes it)."""
+        model, ids = self.model, batch["input_ids"]
+        if ids.shape[0] != 1 or ("attention_mask" in batch and not bool(batch["attention_mask"].all())):
+            raise ValueError("greedy decoding takes one unpadded sequence; use generate for padded batches")
+        device = ids.device
+        positions = prompt_positions(model, batch)
+        out = model(**batch, position_ids=positions, cache=self.cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+        vocab = logits.shape[-1]
+        if max_new_tokens > self.length:
+            raise ValueError(f"{max_new_tokens} new tokens do not fit a cache of {self.length}")
+        self._buffers(vocab, device)
+        key = (float(repetition_penalty), self._addresses())
+        if key != self.key:
+            self.graph, self.warm, self.key = None, 0, key
+        self.penalty = float(repetition_penalty)
+        seen = torch.zeros(1, vocab + 1, dtype=torch.bool, device=device)  # last column: ids past the vocab
+        seen.scatter_(1, ids.clamp(max=vocab), True)
+        self.seen.copy_(seen[:, :vocab])
+        eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
+        self.end.zero_()
+        self.end[0, eos[eos < vocab]] = True
+        self.min_new.fill_(int(min_new_tokens))
+        self.index.zero_()
+        self.position.copy_(positions[..., -1:])
+        self._choose(logits)
+        produced = 1
+        for n in range(1, max_new_tokens):
+            self._step()
+            produced = n + 1
+            if eos.numel() and produced % CHECK_EVERY == 0 and bool(torch.isin(self.tokens[:produced], eos).any()):
+                break
+        tokens = self.tokens[:produced].clone()
+        if eos.numel():
+            hits = torch.isin(tokens, eos).nonzero()
+            if hits.numel():
+                tokens = tokens[: int(hits[0, 0]) + 1]
+        return tokens

@@ -43,6 +43,7 @@ import torch
 from ..policy import VLM_TOKENS
 from . import greedy
 from .adapter import AdapterMerge, check_adapter_folder, merge_lora
+from .attention import use_fast_vision_attention
 from .base import PromptRequest
 from .clean import CLIP_TOKENS, clean_prompt
 from .vision import pixel_limits, prepare_images
@@ -89,7 +90,7 @@ class QwenVL:
     first_fast_seconds: float | None = None  # the first fast call (compilation/capture included)
     _compile_config: Any = field(default=None, repr=False)
     _cache: Any = field(default=None, repr=False)  # (StaticCache, its device, its length)
-    _step: Any = field(default=None, repr=False)  # the compiled one-token forward of greedy.greedy_decode
+    _step: Any = field(default=None, repr=False)  # greedy.GreedyDecoder of the static cache
 
     def uses_fast_decode(self) -> bool:
         """policy.vlm_fast_decode, where this transformers has what it needs (forcing it errors)."""
@@ -211,15 +212,18 @@ class QwenVL:
         return output[0, batch["input_ids"].shape[1]:]
 
     def _greedy(self, batch: dict[str, torch.Tensor], options: dict[str, Any]) -> torch.Tensor:
-        """Greedy decoding of the fast path by :func:`greedy.greedy_decode`, into this model's static cache."""
-        if self._step is None:
-            self._step = greedy.compile_step(self.model, self.compile_backend)
+        """Greedy decoding of the fast path by a :class:`greedy.GreedyDecoder` of this model's static cache."""
         cache = options.get("cache", options.get("past_key_values"))
+        if self._step is None or self._step.cache is not cache:
+            capture = self.device.type == "cuda" and self.compile_backend is not None
+            forward = self._step.forward if self._step is not None else \
+                greedy.compile_step(self.model, self.compile_backend, graphs_by_caller=capture)
+            self._step = greedy.GreedyDecoder(self.model, cache, self._cache[2], forward, capture=capture)
         config = self.model.generation_config
         eos = [] if config.eos_token_id is None else list(np.atleast_1d(config.eos_token_id))
         min_new = options.get("min_new_tokens", config.min_new_tokens)  # generate falls back on the config's
-        return greedy.greedy_decode(self.model, batch, cache, self._step, int(options["max_new_tokens"]),
-                                    float(options["repetition_penalty"]), int(min_new or 0), [int(e) for e in eos])
+        return self._step(batch, int(options["max_new_tokens"]), float(options["repetition_penalty"]),
+                          int(min_new or 0), [int(e) for e in eos])
 
     def generate(
         self,
@@ -384,6 +388,8 @@ def load_qwen_vl(
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, **kwargs)
 
     merged = None if adapter_path is None else merge_lora(model, adapter_path)
+    if attn_implementation is None:
+        use_fast_vision_attention(model)  # one call per layer on GPUs; the same calls on CPU
 
     model.eval().requires_grad_(False)
     if device is not None:
