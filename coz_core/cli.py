@@ -345,7 +345,11 @@ def prepare(args: argparse.Namespace, config: ChainConfig):
         backbone = build_backbone(args, device)
     config.validate(backbone)
     prompts = build_prompt_source(args, device)
-    if args.sd3 is not None and policy.sd3_setup(args.precision, device).take_turns:
+    setup = policy.sd3_setup(args.precision, device) if args.sd3 is not None else None
+    if setup is not None and setup.chosen:
+        print(f"coz-zoom: precision auto on this GPU: {setup.chosen}, for every model resident "
+              "(--precision picks another preset)", file=sys.stderr)
+    if setup is not None and setup.take_turns:
         from .residency import take_turns
 
         backbone, prompts = take_turns(backbone, prompts, device)
@@ -356,6 +360,8 @@ def prepare(args: argparse.Namespace, config: ChainConfig):
     file = str(args.sd3) if args.sd3 else args.backbone
     facts = {"device": str(device), "precision": {"requested": args.precision},
              "prompts_used": used}
+    if setup is not None and setup.chosen:
+        facts["precision"]["auto_chose"] = setup.chosen
     if backbone is not None:
         facts["backbone_details"] = backbone_details(backbone, file)
         facts["precision"]["dtypes"] = facts["backbone_details"]["dtypes"]

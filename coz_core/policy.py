@@ -165,14 +165,22 @@ def sd3_precision(preset: str, device: torch.device) -> SD3Precision:
 # --- speed and memory presets (SD3 with the VLM beside it) -----------------------------------
 # Additive to the precision presets above; benchmarks/bench_gpu.py measures each with full-size
 # models beside Qwen2.5-VL-3B in bf16 (targets: compact within 16 GiB, lowvram within 10 GiB).
-# - ``fast``: bf16 VAE (its difference from fp32 is measured in the bench and the tests) and
-#   regional torch.compile of the transformer and text encoders (CUDA only; once per model).
-# - ``compact``: ``fast`` with the transformer's linear weights stored in float8 (per-row scaled,
-#   upcast per layer) and T5 in float8: every model resident, ~2 GiB less than ``auto``.
+# - ``fast``: bf16 VAE (its difference from fp32 is measured in the bench and the tests),
+#   torch.compile of the transformer and text encoders (regional) and of the VAE (CUDA only; once
+#   per model).
+# - ``compact``: ``fast`` with the linear weights of the transformer and of CLIP-L/G stored in
+#   float8 (per-row scaled, upcast per layer) and T5 in float8: every model resident within 16 GiB.
 # - ``lowvram``: ``compact`` without compilation, and the VLM and SD3 take turns on the GPU
 #   (outside ComfyUI: coz_core/residency.py; inside it, ComfyUI's model management).
 SD3_SPEED_PRESETS = ("fast", "compact", "lowvram")
 SD3_PRESETS = (*SD3_PRECISIONS, *SD3_SPEED_PRESETS)  # what the CLI and the SD3 loader node offer
+
+
+# ``auto`` on a CUDA GPU fits every model, Qwen2.5-VL-3B (bf16) beside SD3, into the card: the
+# first tier whose floor the card's total memory reaches. Measured all-resident peaks (bench_gpu.py,
+# H200, T5 in float8): auto 18.7 GiB, compact 15.x GiB, lowvram 9.2 GiB; a T5 file in float16
+# would add 4.4 GiB to auto, so below 32 GiB T5 is stored in float8 whatever the file holds.
+AUTO_MEMORY_TIERS = ((32.0, "auto"), (22.0, "auto+t5fp8"), (15.0, "compact"), (0.0, "lowvram"))
 
 
 @dataclass(frozen=True)
@@ -181,12 +189,34 @@ class SD3Setup:
 
     precision: SD3Precision
     transformer_fp8: bool = False  # linear weights in float8 e4m3 with per-row scales
+    text_fp8: bool = False  # CLIP-L/G linear weights likewise (T5: precision.t5_fp8)
     compile: bool = False  # CoZSD3Backbone.enable_compile (CUDA only)
     take_turns: bool = False  # the VLM leaves the GPU while SD3 runs, and SD3 while the VLM runs
+    chosen: str = ""  # what ``auto`` chose for this card's memory ("" when not auto on a GPU)
 
 
-def sd3_setup(preset: str, device: torch.device) -> SD3Setup:
-    """The :class:`SD3Setup` of a precision preset (``auto``, ``fp32``...) or a speed preset."""
+def device_memory_gib(device: torch.device) -> float | None:
+    """Total memory of a CUDA device in GiB (None: not CUDA, or no such device here)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / 1024**3
+
+
+def sd3_setup(preset: str, device: torch.device, memory_gib: float | None = None) -> SD3Setup:
+    """The :class:`SD3Setup` of a precision preset (``auto``, ``fp32``...) or a speed preset.
+
+    ``auto`` on a CUDA GPU picks by the card's total memory (``memory_gib``; None: asks the
+    device) from :data:`AUTO_MEMORY_TIERS`, and says which in ``chosen``."""
+    if preset == "auto" and device.type == "cuda":
+        memory = device_memory_gib(device) if memory_gib is None else memory_gib
+        if memory is not None:
+            tier = next(name for floor, name in AUTO_MEMORY_TIERS if memory >= floor)
+            if tier.startswith("auto"):
+                precision = sd3_precision("auto", device)
+                if tier == "auto+t5fp8":
+                    precision = replace(precision, t5_fp8=True)
+                return SD3Setup(precision, chosen=f"{tier} ({memory:.0f} GiB GPU)")
+            return replace(sd3_setup(tier, device), chosen=f"{tier} ({memory:.0f} GiB GPU)")
     if preset not in SD3_SPEED_PRESETS:
         return SD3Setup(sd3_precision(preset, device))
     precision = sd3_precision("auto", device)
@@ -197,8 +227,8 @@ def sd3_setup(preset: str, device: torch.device) -> SD3Setup:
         return SD3Setup(precision, compile=cuda)
     compact = replace(precision, t5_fp8=True)
     if preset == "compact":
-        return SD3Setup(compact, transformer_fp8=True, compile=cuda)
-    return SD3Setup(compact, transformer_fp8=True, take_turns=True)
+        return SD3Setup(compact, transformer_fp8=True, text_fp8=True, compile=cuda)
+    return SD3Setup(compact, transformer_fp8=True, text_fp8=True, take_turns=True)
 
 
 def vlm_fast_decode(device: torch.device, force: bool | None = None) -> bool:

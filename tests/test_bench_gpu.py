@@ -28,8 +28,8 @@ def test_bench_gpu_runs_tiny_on_cpu(tmp_path, capsys):
     same = [r for r in rows if r["what"].startswith("fast path tokens == plain")]
     assert same and same[0]["identical"]
     presets = {r["what"].split(":")[0] for r in rows if r["section"] == "chain"}
-    assert presets == {"default (auto)", "fast", "compact (fp8 transformer, not compiled)",
-                       "lowvram (compact + VLM/SD3 take turns)"}
+    assert presets == {"default (auto)", "fast", "compact", "lowvram (compact + VLM/SD3 take turns)",
+                       "what auto chooses on a 16 / 24 / 80 GiB GPU"}
     vae = [r for r in rows if r["what"].startswith("VAE bf16 vs fp32")]
     assert vae and 0 < vae[0]["max"] < 0.05
     printed = capsys.readouterr().out

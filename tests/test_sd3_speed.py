@@ -7,13 +7,14 @@ capture of diffusers' and transformers' modules, without inductor's compile time
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
 
-from coz_core.policy import SD3_SPEED_PRESETS, sd3_setup
+from coz_core.policy import AUTO_MEMORY_TIERS, SD3_SPEED_PRESETS, sd3_precision, sd3_setup
 from coz_core.sr.base import SRRequest
 from coz_core.sr.coz_sd3 import CoZSD3Backbone
 from coz_core.sr.sd3_loading import FP8, SD3Precision, UpcastLinear, store_linears
@@ -105,8 +106,29 @@ def test_speed_presets(device, monkeypatch):
         assert setup.precision.transformer == auto.precision.transformer
         assert setup.compile == (device == "cuda" and preset != "lowvram")
         assert setup.transformer_fp8 == (preset != "fast") and setup.take_turns == (preset == "lowvram")
+        assert setup.text_fp8 == setup.transformer_fp8 and setup.precision.t5_fp8 == (preset != "fast" or None)
     if device == "cuda":
         assert sd3_setup("fast", dev).precision.vae == torch.bfloat16
+
+
+def test_auto_on_a_gpu_fits_every_model_into_the_card(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # no GPU here
+    cuda = torch.device("cuda")
+    plain = sd3_setup("auto", cuda, memory_gib=80)
+    assert plain.precision == sd3_precision("auto", cuda) and not plain.transformer_fp8
+    assert plain.precision.vae == torch.float32 and plain.precision.t5_fp8 is None and plain.chosen.startswith("auto ")
+    card24 = sd3_setup("auto", cuda, memory_gib=24)
+    assert card24.precision.t5_fp8 is True and not card24.transformer_fp8 and card24.chosen == "auto+t5fp8 (24 GiB GPU)"
+    card16 = sd3_setup("auto", cuda, memory_gib=16)
+    assert card16 == replace(sd3_setup("compact", cuda), chosen=card16.chosen)
+    assert card16.chosen == "compact (16 GiB GPU)" and card16.transformer_fp8 and card16.text_fp8
+    card12 = sd3_setup("auto", cuda, memory_gib=12)
+    assert card12.take_turns and card12.chosen.startswith("lowvram")
+    # every tier is reachable, in falling order; the CPU and explicit presets ignore the memory
+    assert [f for f, _ in AUTO_MEMORY_TIERS] == sorted((f for f, _ in AUTO_MEMORY_TIERS), reverse=True)
+    assert sd3_setup("auto", torch.device("cpu"), memory_gib=4) == sd3_setup("auto", torch.device("cpu"))
+    assert sd3_setup("fast", cuda, memory_gib=4) == sd3_setup("fast", cuda)
+    assert sd3_setup("auto", cuda).chosen == ""  # no GPU to ask: the plain auto precision
 
 
 class _Spy(torch.nn.Linear):
@@ -145,3 +167,17 @@ def test_take_turns_moves_one_group_at_a_time(backbone):
     assert turned.turns.active == "sr"
     with pytest.raises(TypeError, match="source_modules"):
         take_turns(backbone, FixedPrompts(""), "cpu")
+
+
+def test_text_fp8_stores_clip_linears_scaled_and_encodes_close(tiny, backbone):
+    fp8 = CoZSD3Backbone.from_files(tiny.folder, tiny.lora_pkl, tiny.vae_pt, latent_mode="mean", text_fp8=True,
+                                    precision=FP32)
+    models = fp8.text_encoder.models
+    for name in ("clip_l", "clip_g"):
+        linears = [m for m in models[name].modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all(type(m).__name__ == "ScaledUpcastLinear" for m in linears)
+    assert not any(type(m).__name__ == "ScaledUpcastLinear" for m in models["t5"].modules())  # T5: its own switch
+    ours, ref = fp8.text_encoder(PROMPT), backbone.text_encoder(PROMPT)
+    for a, b in ((ours.prompt_embeds, ref.prompt_embeds), (ours.pooled, ref.pooled)):
+        rel = (a - b).norm() / b.norm()
+        assert 0 < rel < 0.08, rel  # changed, by about e4m3's precision
