@@ -105,8 +105,8 @@ def sd3_backbone(
     return CoZSD3Backbone.from_files(
         sd3, coz_lora, coz_vae, clip_l=clip_l, clip_g=clip_g, t5=t5 if "t5" in text_encoders else None,
         text_encoders=tuple(text_encoders), tokenizers=tokenizers, precision=setup.precision,
-        transformer_fp8=setup.transformer_fp8, text_fp8=setup.text_fp8, compile=setup.compile, device=load_device or device,
-        latent_mode=latent_mode,
+        transformer_fp8=setup.transformer_fp8, text_fp8=setup.text_fp8, compile=setup.compile,
+        device=load_device or device, latent_mode=latent_mode,
     )
 
 

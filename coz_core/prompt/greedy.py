@@ -20,9 +20,10 @@ few tokens past the end may be computed and dropped. Every token after the first
 scores, argmax, bookkeeping). The forward is compiled once per model (``torch.compile``); on
 CUDA the whole of ``_advance`` is then captured as one CUDA graph and replayed for every later
 token of every later call, so a token costs the host one ``replay()`` instead of hundreds of
-kernel launches and torch.compile's per-call guard checks (measured: the host, not the GPU, had
-set the pace of compiled decoding with ``reduce-overhead``). Sampling is not handled here
-(generate does it).
+kernel launches and torch.compile's per-call guard checks (measured on an H200: 249 tokens/s with
+inductor's own ``reduce-overhead`` graphs, 266 with this one; the GPU sets the pace now, 3.75 ms
+of GPU time per token against 0.011 ms of host time). Sampling is not handled here (generate
+does it).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ _OTHER_SETTINGS = ("sequence_bias", "bad_words_ids", "forced_bos_token_id", "for
 
 
 def handles(config: Any) -> bool:
-    """Whether :func:`greedy_decode` is what generate does with this GenerationConfig (else use generate)."""
+    """Whether :class:`GreedyDecoder` does what generate does with this GenerationConfig (else use generate)."""
     if any(getattr(config, name, None) is not None for name in _OTHER_SETTINGS):
         return False
     counts = ("no_repeat_ngram_size", "min_length")
@@ -70,9 +71,9 @@ def prompt_positions(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor
 class GreedyDecoder:
     """Greedy decoding (see the module docstring) into one static ``cache``, for every call.
 
-    ``length``: the cache's length (no call decodes more); ``forward``: from :func:`compile_step`. ``capture`` (CUDA): the per-token step runs for real
-    ``WARMUP`` times on a side stream (the first compiles the forward), is then captured as a CUDA
-    graph and replayed from there on. The graph holds the addresses of the cache, the buffers and
+    ``length``: the cache's length (no call decodes more); ``forward``: from :func:`compile_step`.
+    ``capture`` (CUDA): the per-token step runs for real ``WARMUP`` times on a side stream (the
+    first compiles the forward), is then captured as a CUDA graph and replayed from there on. The graph holds the addresses of the cache, the buffers and
     the weights: moved weights get a new capture (checked once per call), a new cache a new decoder.
     The repetition penalty is a constant of the graph (as generate's processor takes it); another
     penalty gets a new capture."""
@@ -92,11 +93,10 @@ class GreedyDecoder:
         if self.buffers_for == (vocab, device):
             return
         self.graph, self.warm, self.buffers_for = None, 0, (vocab, device)
-        length = self.length
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)  # the last token
         self.position = torch.zeros(4, 1, 1, dtype=torch.long, device=device)  # its positions
         self.index = torch.zeros(1, dtype=torch.long, device=device)  # tokens produced so far
-        self.tokens = torch.zeros(length, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(self.length, dtype=torch.long, device=device)
         self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)  # ids the penalty applies to
         self.end = torch.zeros(1, vocab, dtype=torch.bool, device=device)  # end tokens
         self.min_new = torch.zeros((), dtype=torch.long, device=device)

@@ -20,13 +20,14 @@ independent construction.
 Fast decoding (on by default on CUDA, off elsewhere; ``QwenVL.fast_decode`` forces it): transformers'
 own ``StaticCache`` (one per loaded model, reset for every call, its length rounded up to a
 bucket). Greedy prompts then run through a decoding loop of our own (``greedy.py``: prefill, then
-one-token forwards compiled once per model with ``torch.compile`` mode ``reduce-overhead``, CUDA
-graphs; tokens, repetition penalty and argmax stay on the device); sampling, and generation
-settings that loop does not reproduce, go through ``generate`` with the same cache and its
-automatic compilation of the decoding step (``CompileConfig``). Every chain step reuses one
-compiled graph; compilation happens on the first call and is paid once per loaded model.
-Greedy output is token-identical to plain ``generate`` (tests compare them on CPU with the static
-cache forced).
+a one-token step compiled once per model with ``torch.compile`` and, on CUDA, captured with its
+scoring and argmax as one CUDA graph, replayed for every token); sampling, and generation settings
+that loop does not reproduce, go through ``generate`` with the same cache and its automatic
+compilation of the decoding step (``CompileConfig``). Every chain step reuses one graph;
+compilation and capture happen on the first call and are paid once per loaded model. Greedy
+output is token-identical to plain ``generate`` (tests compare them on CPU with the static cache
+forced, and in float32 on a GPU). The vision tower attends in one call per layer on GPUs
+(``attention.py``).
 """
 from __future__ import annotations
 

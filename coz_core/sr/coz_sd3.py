@@ -95,8 +95,8 @@ class CoZSD3Backbone:
         safetensors conversions, or Wan2GP's ``CoZ_sd3_medium_srlora_bf16`` / ``CoZ_sd3_vae_srlora_bf16``
         (merged files that replace SD3's transformer / VAE); None leaves plain SD3 (for comparisons).
         ``transformer_fp8`` stores the transformer's linear weights in float8 (per-row scaled) after
-        the merge; ``text_fp8`` those of CLIP-L/G (T5's: ``precision.t5_fp8``). ``precision.adaln_lora == "reference"`` keeps the LoRA apart, rounded as upstream
-        rounds it. ``compile``: :meth:`enable_compile` (CUDA; policy.SD3Setup.compile).
+        the merge; ``text_fp8`` those of CLIP-L/G (T5's: ``precision.t5_fp8``).
+        ``precision.adaln_lora == "reference"`` keeps the LoRA apart, rounded as upstream rounds it. ``compile``: :meth:`enable_compile` (CUDA; policy.SD3Setup.compile).
         """
         precision = precision or SD3Precision()
         reference = precision.adaln_lora == "reference"
@@ -156,7 +156,7 @@ class CoZSD3Backbone:
         transformer's ``JointTransformerBlock``; with ``text``, CLIP's and T5's layers: the classes a
         model lists in ``_repeated_blocks`` or ``_no_split_modules``) is compiled once per block type
         and reused by every instance, so compiling takes seconds, not minutes. ``vae``: also the VAE's
-        encoder and decoder as wholes (measured on an H200 at 512: the step 42 -> 26 ms, and a lower
+        encoder and decoder as wholes (measured on an H200 at 512: the step 42 -> 24 ms, and a lower
         memory peak, for 28 s of compiling; a second image size compiles once more, shape-generic).
         Compiling happens on the first call, once per loaded model. ``mode``: torch.compile's (None:
         its default)."""
