@@ -4,12 +4,15 @@ Compute and memory do not depend on weight values, so the models are built from 
 configurations directly on the device (SD3 medium from coz_core/configs/sd3_medium with CLIP-L/G
 and T5-XXL, Qwen2.5-VL-3B from benchmarks/bench_vlm.py), and the pack's own classes run them:
 - ``vlm``: one prompt step (2 images at 512, N new tokens) through plain ``generate`` and through
-  the fast path (static KV cache + compiled CUDA-graph decoding): prefill, decode tokens/s, the
-  prompt step, the one-time compilation, whether both paths give the same tokens;
+  the fast path (static KV cache, the decoding step compiled and replayed as one CUDA graph):
+  prefill (also with transformers' window-by-window vision attention), decode tokens/s, the prompt
+  step and its CPU preparation, the one-time compile and capture, whether both give the same tokens;
 - ``sd3``: the SR step's parts (text encoding of a new prompt, VAE encode, transformer, VAE
-  decode), VAE in float32 and bfloat16 with their difference, then compiled (regional);
+  decode), VAE in float32 and bfloat16 with their difference, then compiled (transformer and VAE,
+  then the text encoders' layers too);
 - ``chain``: 4 steps at 512 with N-token prompts, per preset (default, fast, compact, lowvram):
-  time, chain overhead (everything but the models) and peak memory;
+  time, chain overhead (everything but the models), peak memory and how far above the resident
+  weights each part of a step goes; and what ``auto`` chooses on 16, 24 and 80 GiB cards;
 - ``upsample``: benchmarks/upsample_gpu.py's rows; ``wholeimage``: bench_upscale_image.gpu_rows.
 Random VLM weights never emit the end token: ``min_new_tokens`` makes every prompt run to N.
 
