@@ -416,10 +416,8 @@ def section_chain(report: Report, models: Models, args, device: torch.device) ->
     if cuda or args.compile_on_cpu:
         b.enable_compile(vae=not args.no_compile_vae, backend=args.compile_backend)
     _chain_rows(report, "compact", models, args, device)
-    cuda_16 = policy.sd3_setup("auto", torch.device("cuda"), memory_gib=16.0).chosen
-    report.row("chain", "what auto chooses on a 16 / 24 / 80 GiB GPU", " / ".join(
-        policy.sd3_setup("auto", torch.device("cuda"), memory_gib=m).chosen.split()[0] for m in (16.0, 24.0, 80.0)),
-        auto_16=cuda_16)
+    chosen = [policy.sd3_setup("auto", torch.device("cuda"), memory_gib=m).chosen.split()[0] for m in (16, 24, 80)]
+    report.row("chain", "what auto chooses on a 16 / 24 / 80 GiB GPU", " / ".join(chosen), auto_16=chosen[0])
     if args.no_lowvram:
         return
     # lowvram: compact, and the VLM and SD3 take turns on the GPU

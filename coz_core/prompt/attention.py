@@ -28,10 +28,8 @@ try:
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # torch < 2.10
     varlen_attn = None
-
-
-def _varlen_takes_scale() -> bool:
-    return varlen_attn is not None and "scale" in inspect.signature(varlen_attn).parameters
+# torch 2.10's varlen_attn has no ``scale`` (it always uses 1/sqrt(head_dim)); later ones do
+VARLEN_TAKES_SCALE = varlen_attn is not None and "scale" in inspect.signature(varlen_attn).parameters
 
 
 def vision_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -45,7 +43,7 @@ def vision_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     head_dim = query.shape[-1]
     default_scale = scaling is None or abs(scaling - head_dim**-0.5) < 1e-12
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
-        if varlen_attn is not None and (default_scale or _varlen_takes_scale()) and max_length_q is not None:
+        if varlen_attn is not None and (default_scale or VARLEN_TAKES_SCALE) and max_length_q is not None:
             q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, D]
             spans = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
             extra = {} if default_scale else {"scale": scaling}

@@ -204,13 +204,11 @@ class QwenVL:
         start = time.perf_counter()
         if fast and not sample and greedy.handles(self.model.generation_config):
             new = self._greedy(batch, options)
-            if self.first_fast_seconds is None:
-                self.first_fast_seconds = time.perf_counter() - start
-            return new
-        output = self.model.generate(**batch, **options)
+        else:
+            new = self.model.generate(**batch, **options)[0, batch["input_ids"].shape[1]:]
         if fast and self.first_fast_seconds is None:
             self.first_fast_seconds = time.perf_counter() - start
-        return output[0, batch["input_ids"].shape[1]:]
+        return new
 
     def _greedy(self, batch: dict[str, torch.Tensor], options: dict[str, Any]) -> torch.Tensor:
         """Greedy decoding of the fast path by a :class:`greedy.GreedyDecoder` of this model's static cache."""
