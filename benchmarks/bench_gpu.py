@@ -5,8 +5,10 @@ configurations directly on the device (SD3 medium from coz_core/configs/sd3_medi
 and T5-XXL, Qwen2.5-VL-3B from benchmarks/bench_vlm.py), and the pack's own classes run them:
 - ``vlm``: one prompt step (2 images at 512, N new tokens) through plain ``generate`` and through
   the fast path (static KV cache, the decoding step compiled and replayed as one CUDA graph):
-  prefill (also with transformers' window-by-window vision attention), decode tokens/s, the prompt
-  step and its CPU preparation, the one-time compile and capture, whether both give the same tokens;
+  prefill (also with transformers' window-by-window vision attention; alone, transformers' forward
+  against prefill.py's, with the host syncs each makes), decode tokens/s (``--vlm-unfused``: also
+  with the projections not fused), the prompt step and its preparation, the one-time compile and
+  capture, whether both give the same tokens;
 - ``sd3``: the SR step's parts (text encoding of a new prompt, VAE encode, transformer, VAE
   decode), VAE in float32 and bfloat16 with their difference, then compiled (transformer and VAE,
   then the text encoders' layers too);
@@ -36,6 +38,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +50,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 from coz_core.imageops import load_image  # noqa: E402
 from coz_core import policy  # noqa: E402
 from coz_core.policy import sd3_precision  # noqa: E402
-from coz_core.prompt import attention  # noqa: E402
+from coz_core.prompt import attention, prefill  # noqa: E402
 from coz_core.prompt.base import PromptRequest  # noqa: E402
 from coz_core.prompt.qwen import MULTISCALE_SYSTEM, QwenPromptSource, QwenVL  # noqa: E402
 from coz_core.prompt.vision import prepare_images  # noqa: E402
@@ -234,8 +237,14 @@ def section_vlm(report: Report, models: Models, args, device: torch.device) -> N
     length = int(inputs["input_ids"].shape[1])
     source = QwenPromptSource(vlm, max_new_tokens=n, clean=False)
     results = {}
-    for label, fast in (("plain generate", False), ("fast path", True)):
-        vlm.fast_decode = fast
+    runs = [("plain generate", False, False), ("fast path", True, True)]
+    if device.type == "cuda" and args.vlm_unfused:
+        runs.insert(1, ("fast path, projections as loaded", True, False))
+    for label, fast, fuse in runs:
+        vlm.fast_decode, vlm.fuse = fast, fuse
+        if fast and vlm._step is not None and fuse != hasattr(vlm.model.model.language_model.layers[0].self_attn,
+                                                                "qkv_proj"):
+            vlm._step = None  # fused now: compiled and captured again
         try:
             results[label] = _vlm_rows(report, vlm, label, inputs, source, request, args, device, length)
         except SectionTimeout:
@@ -248,13 +257,15 @@ def section_vlm(report: Report, models: Models, args, device: torch.device) -> N
             traceback.print_exc()
             return
     same = torch.equal(results["plain generate"], results["fast path"])
+    _prefill_rows(report, vlm, inputs, device, args.repeats)
     report.row("vlm", f"fast path tokens == plain generate tokens ({n} greedy)", "yes" if same else "NO", identical=same)
     decoder = vlm._step
     if decoder is not None:
         report.row("vlm", "fast path: CUDA graphs captured (one per loaded model)", str(decoder.captures))
     images = prepare_images(previous) + prepare_images(zoomed)
     prep = timed(lambda: vlm.inputs(images, MULTISCALE_SYSTEM), device, args.repeats)
-    report.row("vlm", "prompt step: image processor + chat template + tokens (CPU)", ms(prep), seconds=prep)
+    report.row("vlm", "prompt step: its inputs (chat template, tokens, pixels patchified on the device)", ms(prep),
+               seconds=prep)
     if vlm.model.config.vision_config._attn_implementation == attention.NAME:
         # the vision tower's attention as transformers runs it with "sdpa": one call per window
         vlm.model.set_attn_implementation({"vision_config": "sdpa"})
@@ -265,6 +276,57 @@ def section_vlm(report: Report, models: Models, args, device: torch.device) -> N
         report.row("vlm", "fast path: prefill + 1st token, vision attention window by window (sdpa)", ms(before),
                    seconds=before)
     vlm.fast_decode = None  # policy default from here on: on for CUDA
+
+
+@torch.inference_mode()
+def _prefill_rows(report: Report, vlm: QwenVL, inputs: dict, device: torch.device, repeats: int) -> None:
+    """The prompt's forward pass into the static cache: transformers' ``model(**batch)`` (inputs moved
+    to the device first) against prefill.py's, with the host syncs each makes once its inputs are there."""
+    model, cache = vlm.model, vlm._cache[0]
+    positions = prefill.prompt_positions(model, inputs)
+    options = {"cache": cache, "use_cache": True, "logits_to_keep": 1}
+
+    def moved() -> dict:
+        batch = {k: v.to(device) for k, v in inputs.items()}
+        return {**batch, "pixel_values": batch["pixel_values"].to(vlm.dtype), "position_ids": positions.to(device)}
+
+    ways = {"transformers' forward": (moved, lambda batch: model(**batch, **options)),
+            "prefill.py": (lambda: prefill.prepare(model, inputs, device, vlm.dtype),
+                           lambda prompt: prefill.run(model, prompt, **options))}
+    for label, (prepare, run) in ways.items():
+        def once():
+            cache.reset()
+            run(prepare())
+        once()
+        seconds = timed(once, device, repeats)
+        syncs, wall, busy = [], float("nan"), float("nan")
+        if device.type == "cuda":  # the GPU's own time: from the first kernel queued to the last
+            cache.reset()
+            ready = prepare()
+            sync(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            start.record()
+            run(ready)
+            end.record()
+            sync(device)
+            wall, busy = time.perf_counter() - t0, start.elapsed_time(end) / 1000
+            cache.reset()
+            ready = prepare()
+            sync(device)
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    run(ready)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            syncs = [w for w in caught if "synchroniz" in str(w.message)]
+            for w in syncs:
+                print(f"  sync in the prefill ({label}): {w.filename}:{w.lineno}", flush=True)
+        report.row("vlm", f"prefill alone, {label}: time (inputs ready / GPU), host syncs",
+                   f"{ms(seconds)} ({ms(wall)} / {ms(busy)}), {len(syncs)} syncs", seconds=seconds, gpu=busy,
+                   syncs=len(syncs))
 
 
 def _vlm_rows(report, vlm, label, inputs, source, request, args, device, length) -> torch.Tensor:
@@ -469,6 +531,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="best of (3; tiny: 1)")
     parser.add_argument("--no-compile-vae", action="store_true", help="compile the transformer and text encoders only")
     parser.add_argument("--no-lowvram", action="store_true", help="leave out the lowvram chain (slow: weights move)")
+    parser.add_argument("--vlm-unfused", action="store_true",
+                        help="also time the fast path with the projections as loaded (another compile)")
     parser.add_argument("--compile-on-cpu", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # "eager": CPU checks
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiply every section's time limit")

@@ -117,18 +117,20 @@ def test_sampling_and_other_generation_settings_use_generate(vlm, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
 def test_cuda_graph_decoding_equals_generate_and_is_captured_once(tmp_path):
-    # float32 on the GPU: the captured loop against plain generate, one capture for every call,
-    # and a new capture (not stale addresses) after the weights moved
-    vlm = load_qwen_vl(make_tiny_qwen(tmp_path / "q"), device="cuda")
-    fast = replace(vlm, fast_decode=True, compile_backend="eager")
+    # float32 on the GPU: the captured loop (projections fused) against plain generate of the model
+    # as loaded, one capture for every call, and a new capture (not stale addresses) after the weights moved
+    folder = make_tiny_qwen(tmp_path / "q")
+    vlm = load_qwen_vl(folder, device="cuda")
+    fast = replace(load_qwen_vl(folder, device="cuda"), fast_decode=True, compile_backend="eager")
     for seed, tokens in ((0, 24), (2, 40)):
         inputs = _inputs(vlm, seed)
         assert torch.equal(fast.generate_ids(inputs, tokens), vlm.generate_ids(inputs, tokens))
         forced = fast.generate_ids(inputs, 12, min_new_tokens=12)
         assert torch.equal(forced, vlm.generate_ids(inputs, 12, min_new_tokens=12))
     assert fast._step.capture and fast._step.captures == 1
-    vlm.model.to("cpu")
-    vlm.model.to("cuda")
+    assert hasattr(fast.model.model.language_model.layers[0].self_attn, "qkv_proj")
+    fast.model.to("cpu")
+    fast.model.to("cuda")
     inputs = _inputs(vlm, 3)
     assert torch.equal(fast.generate_ids(inputs, 20, min_new_tokens=20), vlm.generate_ids(inputs, 20, min_new_tokens=20))
     assert fast._step.captures == 2

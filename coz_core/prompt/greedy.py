@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 import torch
 
+from . import prefill
+
 CHECK_EVERY = 8  # decoded tokens between two looks (host syncs) for an end token
 
 
@@ -56,16 +58,6 @@ def compile_step(model: Any, backend: str | None, graphs_by_caller: bool = False
         return model.__call__
     mode = "reduce-overhead" if backend == "inductor" and not graphs_by_caller else None
     return torch.compile(model.__call__, backend=backend, mode=mode, fullgraph=True, dynamic=False)
-
-
-def prompt_positions(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[4, 1, L] positions of the prompt as generate builds them: text row, then the 3 rope rows."""
-    ids = batch["input_ids"]
-    text = torch.arange(ids.shape[1], device=ids.device)[None]
-    extra = {k: batch[k] for k in ("attention_mask", "image_grid_thw", "mm_token_type_ids") if k in batch}
-    rope, deltas = model.model.get_rope_index(ids, **extra)
-    model.model.rope_deltas = deltas  # as generate leaves it
-    return torch.cat([text[None], rope.to(text.device)], dim=0)
 
 
 class GreedyDecoder:
@@ -148,7 +140,7 @@ class GreedyDecoder:
     @torch.inference_mode()
     def __call__(
         self,
-        batch: dict[str, torch.Tensor],
+        inputs: dict[str, torch.Tensor],
         max_new_tokens: int,
         repetition_penalty: float = 1.0,
         min_new_tokens: int = 0,
@@ -156,33 +148,34 @@ class GreedyDecoder:
     ) -> torch.Tensor:
         """The new token ids [n] of greedy decoding, ``cache`` reset by the caller.
 
-        ``batch``: the model inputs on the model's device (input_ids [1, L], attention_mask of ones,
-        pixel_values, image_grid_thw, mm_token_type_ids where the model takes it)."""
-        model, ids = self.model, batch["input_ids"]
-        if ids.shape[0] != 1 or ("attention_mask" in batch and not bool(batch["attention_mask"].all())):
-            raise ValueError("greedy decoding takes one unpadded sequence; use generate for padded batches")
-        device = ids.device
-        positions = prompt_positions(model, batch)
-        out = model(**batch, position_ids=positions, cache=self.cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1].float()
-        vocab = logits.shape[-1]
+        ``inputs``: one unpadded prompt from ``QwenVL.inputs`` (input_ids [1, L], attention_mask,
+        pixel_values, image_grid_thw, mm_token_type_ids where the model takes it), on the CPU.
+        Everything is copied to the device before the prefill (see :mod:`.prefill`), so the host
+        queues the prefill and the first tokens without waiting for the GPU."""
+        model = self.model
         if max_new_tokens > self.length:
             raise ValueError(f"{max_new_tokens} new tokens do not fit a cache of {self.length}")
+        device = model.device
+        prompt = prefill.prepare(model, inputs, device, model.dtype)
+        vocab = model.get_output_embeddings().weight.shape[0]
         self._buffers(vocab, device)
         key = (float(repetition_penalty), self._addresses())
         if key != self.key:
             self.graph, self.warm, self.key = None, 0, key
         self.penalty = float(repetition_penalty)
+        ids, eos = prompt.input_ids, torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
         seen = torch.zeros(1, vocab + 1, dtype=torch.bool, device=device)  # last column: ids past the vocab
         seen.scatter_(1, ids.clamp(max=vocab), True)
         self.seen.copy_(seen[:, :vocab])
-        eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
-        self.end.zero_()
-        self.end[0, eos[eos < vocab]] = True
+        end = torch.zeros(1, vocab, dtype=torch.bool)
+        end[0, eos[eos < vocab]] = True
+        self.end.copy_(end)
+        eos = eos.to(device)
         self.min_new.fill_(int(min_new_tokens))
         self.index.zero_()
-        self.position.copy_(positions[..., -1:])
-        self._choose(logits)
+        self.position.copy_(prompt.positions[..., -1:])
+        out = prefill.run(model, prompt, cache=self.cache, use_cache=True, logits_to_keep=1)
+        self._choose(out.logits[:, -1].float())
         produced = 1
         for n in range(1, max_new_tokens):
             self._step()

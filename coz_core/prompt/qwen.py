@@ -42,12 +42,13 @@ import numpy as np
 import torch
 
 from ..policy import VLM_TOKENS
-from . import greedy
+from . import greedy, prefill
 from .adapter import AdapterMerge, check_adapter_folder, merge_lora
 from .attention import use_fast_vision_attention
 from .base import PromptRequest
 from .clean import CLIP_TOKENS, clean_prompt
-from .vision import pixel_limits, prepare_images
+from .fused import fuse_projections
+from .vision import patchify, pixel_limits, prepare_images
 
 MULTISCALE_SYSTEM = (
     "The second image is a zoom-in of the first image. Based on this knowledge, what is in the "
@@ -88,6 +89,7 @@ class QwenVL:
     # torch.compile backend of the fast path ("eager": the capture without code generation, for
     # tests on CPU; None: the static cache alone, not compiled)
     compile_backend: str | None = "inductor"
+    fuse: bool = True  # the fast GPU path fuses q/k/v and gate/up (fused.py); False: as loaded (benchmarks)
     first_fast_seconds: float | None = None  # the first fast call (compilation/capture included)
     _compile_config: Any = field(default=None, repr=False)
     _cache: Any = field(default=None, repr=False)  # (StaticCache, its device, its length)
@@ -111,7 +113,7 @@ class QwenVL:
             import transformers
 
             raise RuntimeError(
-                f"fast VLM decoding needs transformers with GenerationConfig.max_cache_len (5.2x); this is "
+                f"fast VLM decoding needs transformers 5.2x (GenerationConfig.max_cache_len, transformers.vision_utils); this is "
                 f"{transformers.__version__}: upgrade it or set fast_decode=False"
             )
         length = CACHE_BUCKET * -(-(prompt_len + max_new_tokens) // CACHE_BUCKET)
@@ -160,7 +162,9 @@ class QwenVL:
                 f"the chat template of {self.folder} placed {text.count(IMAGE_TOKEN)} image "
                 f"placeholders for {len(images)} images; use the template Qwen2.5-VL ships"
             )
-        pixels = self.image_processor(images, return_tensors="pt")
+        pixels = patchify(images, self.image_processor, self.device) if self.device.type == "cuda" else None
+        if pixels is None:  # on the CPU, the reference's own processor
+            pixels = self.image_processor(images, return_tensors="pt")
         merge = int(getattr(self.image_processor, "merge_size", 2)) ** 2
         pieces = text.split(IMAGE_TOKEN)
         counts = [int(grid.prod()) // merge for grid in pixels["image_grid_thw"]]
@@ -187,9 +191,6 @@ class QwenVL:
         min_new_tokens: int | None = None,
     ) -> torch.Tensor:
         """The new token ids [n] for inputs from :meth:`inputs` (``min_new_tokens``: benchmarks)."""
-        device = self.device
-        batch = {k: v.to(device) for k, v in inputs.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
         options: dict[str, Any] = {
             "max_new_tokens": int(max_new_tokens), "do_sample": bool(sample),
             "repetition_penalty": self.repetition_penalty if repetition_penalty is None else repetition_penalty,
@@ -199,29 +200,34 @@ class QwenVL:
         if sample:
             options.update(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
         fast = self.uses_fast_decode()
+        length = int(inputs["input_ids"].shape[1])
         if fast:
-            options.update(self._fast_options(int(batch["input_ids"].shape[1]), int(max_new_tokens)))
+            options.update(self._fast_options(length, int(max_new_tokens)))
         start = time.perf_counter()
         if fast and not sample and greedy.handles(self.model.generation_config):
-            new = self._greedy(batch, options)
+            new = self._greedy(inputs, options)
         else:
-            new = self.model.generate(**batch, **options)[0, batch["input_ids"].shape[1]:]
+            batch = {k: v.to(self.device) for k, v in inputs.items()}
+            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+            new = self.model.generate(**batch, **options)[0, length:]
         if fast and self.first_fast_seconds is None:
             self.first_fast_seconds = time.perf_counter() - start
         return new
 
-    def _greedy(self, batch: dict[str, torch.Tensor], options: dict[str, Any]) -> torch.Tensor:
+    def _greedy(self, inputs: dict[str, torch.Tensor], options: dict[str, Any]) -> torch.Tensor:
         """Greedy decoding of the fast path by a :class:`greedy.GreedyDecoder` of this model's static cache."""
         cache = options.get("cache", options.get("past_key_values"))
         if self._step is None or self._step.cache is not cache:
             capture = self.device.type == "cuda" and self.compile_backend is not None
+            if capture and self.fuse:
+                fuse_projections(self.model)  # before the step is compiled
             forward = self._step.forward if self._step is not None else \
                 greedy.compile_step(self.model, self.compile_backend, graphs_by_caller=capture)
             self._step = greedy.GreedyDecoder(self.model, cache, self._cache[2], forward, capture=capture)
         config = self.model.generation_config
         eos = [] if config.eos_token_id is None else list(np.atleast_1d(config.eos_token_id))
         min_new = options.get("min_new_tokens", config.min_new_tokens)  # generate falls back on the config's
-        return self._step(batch, int(options["max_new_tokens"]), float(options["repetition_penalty"]),
+        return self._step(inputs, int(options["max_new_tokens"]), float(options["repetition_penalty"]),
                           int(min_new or 0), [int(e) for e in eos])
 
     def generate(
@@ -281,10 +287,11 @@ class QwenVL:
 
 
 def _static_cache_sizing() -> bool:
-    """Whether generate() sizes static caches across calls (GenerationConfig.max_cache_len)."""
+    """Whether generate() sizes static caches across calls (GenerationConfig.max_cache_len) and
+    the vision tower takes its index tensors precomputed (``prefill.py``): transformers 5.2x."""
     from transformers import GenerationConfig
 
-    return hasattr(GenerationConfig(), "max_cache_len")
+    return hasattr(GenerationConfig(), "max_cache_len") and prefill.available()
 
 
 def _require(folder: Path, names: tuple[str, ...], what: str) -> None:

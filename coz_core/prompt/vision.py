@@ -5,13 +5,15 @@ The reference saves every image as an 8-bit PNG and hands the path to qwen-vl-ut
 filter, bicubic) to the size its ``smart_resize`` picks: both sides multiples of 28 (patch 14 x
 merge 2), the pixel count within [min_pixels, max_pixels], the aspect ratio kept as closely as
 possible. The Qwen processor then normalises and patchifies. Here the same happens on tensors in
-memory: quantise to 8 bits, resize with Pillow to the same size; no files.
+memory: quantise to 8 bits, resize with Pillow to the same size; no files. On a GPU the
+normalising and patchifying run there (:func:`patchify`), which the processor does with NumPy.
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,3 +115,34 @@ def prepare_images(
             array = np.asarray(Image.fromarray(array).resize((target_w, target_h), Image.BICUBIC))
         out.append(array)
     return out
+
+
+def patchify(images: list[np.ndarray], processor: Any, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """What the Qwen image ``processor`` returns for ``images`` (uint8 [h, w, 3], already at a size
+    it keeps), computed with torch on ``device``: pixel_values [patches, C * t * p * p] there
+    (float32), image_grid_thw [n, 3] on the CPU. None when an image would be resized (the
+    processor must do that). The same arithmetic as the processor's, in another order: results
+    agree to float32 rounding (tests compare them)."""
+    patch, merge, frames = processor.patch_size, processor.merge_size, processor.temporal_patch_size
+    size = processor.size
+    low, high = (size["shortest_edge"], size["longest_edge"]) if processor.do_resize else (0, float("inf"))
+    mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=device)[:, None, None]
+    std = torch.tensor(processor.image_std, dtype=torch.float32, device=device)[:, None, None]
+    patches, grids = [], []
+    for array in images:
+        height, width = array.shape[:2]
+        if processor.do_resize and (height % (patch * merge) or width % (patch * merge)
+                                    or not low <= height * width <= high):
+            return None
+        x = torch.from_numpy(np.ascontiguousarray(array)).to(device).permute(2, 0, 1).float()
+        if processor.do_rescale:
+            x = x * processor.rescale_factor
+        if processor.do_normalize:
+            x = (x - mean) / std
+        channels, rows, cols = x.shape[0], height // patch, width // patch
+        x = x.reshape(channels, rows // merge, merge, patch, cols // merge, merge, patch)
+        x = x.permute(1, 4, 2, 5, 0, 3, 6)[:, :, :, :, :, None]  # (rows, cols, merge, merge, C, t, p, p)
+        x = x.expand(*x.shape[:5], frames, patch, patch)
+        patches.append(x.reshape(rows * cols, channels * frames * patch * patch))
+        grids.append([1, rows, cols])
+    return {"pixel_values": torch.cat(patches), "image_grid_thw": torch.tensor(grids, dtype=torch.long)}

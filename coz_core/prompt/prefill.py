@@ -1,0 +1,95 @@
+"""Qwen2.5-VL's forward pass over the prompt (the prefill), with no host sync until its logits.
+
+Run as ``model(**batch)`` on a GPU, the forward reads device values on the host several times:
+the image grid (``tolist()``) for the vision positions, windows and feature split, the longest
+window (``item()``), the image-token count check, the multimodal rope positions. Each read waits
+until the GPU has run everything queued, so the host cannot queue the language model while the
+GPU runs the vision tower. Here everything those reads give is computed from the inputs while
+they are still on the CPU, with transformers' own functions (``vision_utils``, ``get_rope_index``),
+and copied to the device first; then the very computation ``model(**batch)`` makes runs
+without a read: the vision tower, its features written over the image tokens' embeddings, the
+language model. On the CPU the logits are bit-identical to ``model(**batch)`` (tests compare them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def prompt_positions(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[4, 1, L] positions of the prompt as generate builds them: text row, then the 3 rope rows."""
+    ids = batch["input_ids"]
+    text = torch.arange(ids.shape[1], device=ids.device)[None]
+    extra = {k: batch[k] for k in ("attention_mask", "image_grid_thw", "mm_token_type_ids") if k in batch}
+    rope, deltas = model.model.get_rope_index(ids, **extra)
+    model.model.rope_deltas = deltas  # as generate leaves it
+    return torch.cat([text[None], rope.to(text.device)], dim=0)
+
+
+def available() -> bool:
+    """Whether this transformers takes the vision tower's index tensors precomputed (5.2x)."""
+    try:
+        from transformers import vision_utils
+
+        return hasattr(vision_utils, "get_vision_window_index")
+    except ImportError:
+        return False
+
+
+def vision_indices(visual: Any, grid_thw: torch.Tensor) -> dict[str, Any]:
+    """What the vision tower derives from the image grid (CPU), as the keyword arguments it takes precomputed."""
+    from transformers.utils.generic import get_max_seqlen
+    from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
+
+    config, merge = visual.config, visual.spatial_merge_size
+    cu_seqlens, max_seqlen = get_vision_attention_seqlens(grid_thw, config)
+    window_index, cu_window = get_vision_window_index(grid_thw, spatial_merge_size=merge,
+                                                      window_size=visual.window_size, patch_size=visual.patch_size)
+    return {"position_ids": get_vision_position_ids(grid_thw, merge), "cu_seqlens": cu_seqlens,
+            "max_seqlen": max_seqlen, "window_index": window_index, "cu_window_seqlens": cu_window,
+            "max_window_seqlen": get_max_seqlen(cu_window, config, kwarg_name="max_window_seqlen")}
+
+
+@dataclass
+class Prompt:
+    """One prompt's tensors on the device, ready for :func:`run` (built by :func:`prepare`)."""
+
+    input_ids: torch.Tensor  # [1, L]
+    positions: torch.Tensor  # [4, 1, L]
+    pixel_values: torch.Tensor | None
+    grid_thw: torch.Tensor | None  # on the CPU: the vision tower reads none of it (all precomputed)
+    image_tokens: torch.Tensor | None  # where the image features go in the sequence
+    vision: dict[str, Any]  # vision_indices on the device
+
+
+def prepare(model: Any, inputs: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> Prompt:
+    """The inputs of one unpadded prompt (from ``QwenVL.inputs``, on the CPU) moved to ``device``
+    with everything :func:`run` needs; raises when the image tokens and the images disagree."""
+    ids = inputs["input_ids"].cpu()
+    if ids.shape[0] != 1 or ("attention_mask" in inputs and not bool(inputs["attention_mask"].all())):
+        raise ValueError("the prefill takes one unpadded sequence; use generate for padded batches")
+    cpu = {k: v.cpu() for k, v in inputs.items() if k in ("attention_mask", "image_grid_thw", "mm_token_type_ids")}
+    positions = prompt_positions(model, {"input_ids": ids, **cpu})
+    pixels, grid, tokens, vision = inputs.get("pixel_values"), cpu.get("image_grid_thw"), None, {}
+    if pixels is not None:
+        visual = model.model.visual
+        tokens = (ids[0] == model.config.image_token_id).nonzero()[:, 0]
+        features = int(grid.prod(-1).sum()) // visual.spatial_merge_size ** 2
+        if tokens.numel() != features:
+            raise ValueError(f"the prompt holds {tokens.numel()} image tokens for {features} image features")
+        vision = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                  for k, v in vision_indices(visual, grid).items()}
+        pixels, tokens = pixels.to(device, dtype), tokens.to(device)
+    return Prompt(ids.to(device), positions.to(device), pixels, grid, tokens, vision)
+
+
+def run(model: Any, prompt: Prompt, **options: Any) -> Any:
+    """``model(**inputs)`` of the prompt (``options``: cache, use_cache, logits_to_keep...)."""
+    embeds = model.model.get_input_embeddings()(prompt.input_ids)
+    if prompt.pixel_values is not None:
+        visual = model.model.visual
+        features = visual(prompt.pixel_values.type(visual.dtype), grid_thw=prompt.grid_thw, **prompt.vision).pooler_output
+        embeds = embeds.index_copy(1, prompt.image_tokens, features[None].to(embeds.dtype))
+    return model(inputs_embeds=embeds, position_ids=prompt.positions, **options)
