@@ -247,6 +247,9 @@ def section_vlm(report: Report, models: Models, args, device: torch.device) -> N
             vlm._step = None  # fused now: compiled and captured again
         try:
             results[label] = _vlm_rows(report, vlm, label, inputs, source, request, args, device, length)
+            if fast:
+                fused = hasattr(vlm.model.model.language_model.layers[0].self_attn, "qkv_proj")
+                _prefill_rows(report, vlm, inputs, device, args.repeats, "fused" if fused else "as loaded")
         except SectionTimeout:
             raise
         except Exception as exc:
@@ -257,11 +260,13 @@ def section_vlm(report: Report, models: Models, args, device: torch.device) -> N
             traceback.print_exc()
             return
     same = torch.equal(results["plain generate"], results["fast path"])
-    _prefill_rows(report, vlm, inputs, device, args.repeats)
     report.row("vlm", f"fast path tokens == plain generate tokens ({n} greedy)", "yes" if same else "NO", identical=same)
     decoder = vlm._step
     if decoder is not None:
         report.row("vlm", "fast path: CUDA graphs captured (one per loaded model)", str(decoder.captures))
+    resize = timed(lambda: prepare_images(previous) + prepare_images(zoomed), device, args.repeats)
+    report.row("vlm", "prompt step: images to 8 bits, resized by Pillow (the reference's pixels)", ms(resize),
+               seconds=resize)
     images = prepare_images(previous) + prepare_images(zoomed)
     prep = timed(lambda: vlm.inputs(images, MULTISCALE_SYSTEM), device, args.repeats)
     report.row("vlm", "prompt step: its inputs (chat template, tokens, pixels patchified on the device)", ms(prep),
@@ -279,9 +284,10 @@ def section_vlm(report: Report, models: Models, args, device: torch.device) -> N
 
 
 @torch.inference_mode()
-def _prefill_rows(report: Report, vlm: QwenVL, inputs: dict, device: torch.device, repeats: int) -> None:
+def _prefill_rows(report: Report, vlm: QwenVL, inputs: dict, device: torch.device, repeats: int, which: str) -> None:
     """The prompt's forward pass into the static cache: transformers' ``model(**batch)`` (inputs moved
-    to the device first) against prefill.py's, with the host syncs each makes once its inputs are there."""
+    to the device first) against prefill.py's, eager and captured, with the host syncs each makes
+    once its inputs are there."""
     model, cache = vlm.model, vlm._cache[0]
     positions = prefill.prompt_positions(model, inputs)
     options = {"cache": cache, "use_cache": True, "logits_to_keep": 1}
@@ -290,29 +296,47 @@ def _prefill_rows(report: Report, vlm: QwenVL, inputs: dict, device: torch.devic
         batch = {k: v.to(device) for k, v in inputs.items()}
         return {**batch, "pixel_values": batch["pixel_values"].to(vlm.dtype), "position_ids": positions.to(device)}
 
+    def prepare() -> prefill.Prompt:
+        return prefill.prepare(model, inputs, device, vlm.dtype)
+
     ways = {"transformers' forward": (moved, lambda batch: model(**batch, **options)),
-            "prefill.py": (lambda: prefill.prepare(model, inputs, device, vlm.dtype),
-                           lambda prompt: prefill.run(model, prompt, **options))}
-    for label, (prepare, run) in ways.items():
+            "prefill.py": (prepare, lambda prompt: prefill.run(model, prompt, **options))}
+    if device.type == "cuda":
+        ways["prefill.py, one CUDA graph"] = (prepare, prefill.CapturedPrefill(model, cache))
+    for label, (make, run) in ways.items():
         def once():
             cache.reset()
-            run(prepare())
-        once()
+            run(make())
+        try:
+            once()
+        except RuntimeError as exc:
+            report.row("vlm", f"prefill alone, {label}, {which}: FAILED", f"{type(exc).__name__}: {str(exc)[:300]}")
+            traceback.print_exc()
+            continue
         seconds = timed(once, device, repeats)
         syncs, wall, busy = [], float("nan"), float("nan")
-        if device.type == "cuda":  # the GPU's own time: from the first kernel queued to the last
+        if device.type == "cuda":
+            walls = []
+            for _ in range(repeats):  # with its inputs on the device
+                cache.reset()
+                ready = make()
+                sync(device)
+                t0 = time.perf_counter()
+                run(ready)
+                sync(device)
+                walls.append(time.perf_counter() - t0)
+            wall = min(walls)
             cache.reset()
-            ready = prepare()
+            ready = make()
             sync(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0 = time.perf_counter()
-            start.record()
-            run(ready)
-            end.record()
-            sync(device)
-            wall, busy = time.perf_counter() - t0, start.elapsed_time(end) / 1000
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+                run(ready)
+                sync(device)
+            kernels = profile.key_averages()  # the GPU's own time: its kernels' durations, summed
+            busy = sum(k.self_device_time_total for k in kernels) / 1e6
+            print(f"prefill kernels ({label}, {which}):\n" + kernels.table(sort_by="self_cuda_time_total", row_limit=14), flush=True)
             cache.reset()
-            ready = prepare()
+            ready = make()
             sync(device)
             torch.cuda.set_sync_debug_mode("warn")
             try:
@@ -323,9 +347,9 @@ def _prefill_rows(report: Report, vlm: QwenVL, inputs: dict, device: torch.devic
                 torch.cuda.set_sync_debug_mode(0)
             syncs = [w for w in caught if "synchroniz" in str(w.message)]
             for w in syncs:
-                print(f"  sync in the prefill ({label}): {w.filename}:{w.lineno}", flush=True)
-        report.row("vlm", f"prefill alone, {label}: time (inputs ready / GPU), host syncs",
-                   f"{ms(seconds)} ({ms(wall)} / {ms(busy)}), {len(syncs)} syncs", seconds=seconds, gpu=busy,
+                print(f"  sync in the prefill ({label}, {which}): {w.filename}:{w.lineno}", flush=True)
+        report.row("vlm", f"prefill alone, {label}, {which}: time; inputs on the GPU; its kernels; host syncs",
+                   f"{ms(seconds)}; {ms(wall)}; {ms(busy)}; {len(syncs)}", seconds=seconds, gpu=busy,
                    syncs=len(syncs))
 
 

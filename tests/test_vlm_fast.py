@@ -127,10 +127,10 @@ def test_cuda_graph_decoding_equals_generate_and_is_captured_once(tmp_path):
         assert torch.equal(fast.generate_ids(inputs, tokens), vlm.generate_ids(inputs, tokens))
         forced = fast.generate_ids(inputs, 12, min_new_tokens=12)
         assert torch.equal(forced, vlm.generate_ids(inputs, 12, min_new_tokens=12))
-    assert fast._step.capture and fast._step.captures == 1
+    assert fast._step.capture and fast._step.captures == 1 and fast._step.prefill.captures == 1
     assert hasattr(fast.model.model.language_model.layers[0].self_attn, "qkv_proj")
     fast.model.to("cpu")
     fast.model.to("cuda")
     inputs = _inputs(vlm, 3)
     assert torch.equal(fast.generate_ids(inputs, 20, min_new_tokens=20), vlm.generate_ids(inputs, 20, min_new_tokens=20))
-    assert fast._step.captures == 2
+    assert fast._step.captures == 2 and fast._step.prefill.captures == 2

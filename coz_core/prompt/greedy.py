@@ -80,6 +80,7 @@ class GreedyDecoder:
         self.penalty = 1.0
         self.buffers_for: tuple | None = None  # (vocab, device) of the buffers
         self.captures = 0  # how many graphs were captured (tests, benchmarks)
+        self.prefill = prefill.CapturedPrefill(model, cache) if capture else None
 
     def _buffers(self, vocab: int, device: torch.device) -> None:
         if self.buffers_for == (vocab, device):
@@ -131,6 +132,13 @@ class GreedyDecoder:
             self.captures += 1
             graph.replay()
 
+    def _prefill(self, prompt: prefill.Prompt) -> torch.Tensor:
+        """The prompt's last logits [1, vocab]: captured and replayed on CUDA, else run as it is."""
+        logits = self.prefill(prompt) if self.prefill is not None else None
+        if logits is None:
+            logits = prefill.run(self.model, prompt, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        return logits
+
     def _addresses(self) -> tuple:
         layers = getattr(self.cache, "layers", [])
         return (tuple(p.data_ptr() for p in self.model.parameters())
@@ -159,9 +167,6 @@ class GreedyDecoder:
         prompt = prefill.prepare(model, inputs, device, model.dtype)
         vocab = model.get_output_embeddings().weight.shape[0]
         self._buffers(vocab, device)
-        key = (float(repetition_penalty), self._addresses())
-        if key != self.key:
-            self.graph, self.warm, self.key = None, 0, key
         self.penalty = float(repetition_penalty)
         ids, eos = prompt.input_ids, torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
         seen = torch.zeros(1, vocab + 1, dtype=torch.bool, device=device)  # last column: ids past the vocab
@@ -174,8 +179,10 @@ class GreedyDecoder:
         self.min_new.fill_(int(min_new_tokens))
         self.index.zero_()
         self.position.copy_(prompt.positions[..., -1:])
-        out = prefill.run(model, prompt, cache=self.cache, use_cache=True, logits_to_keep=1)
-        self._choose(out.logits[:, -1].float())
+        self._choose(self._prefill(prompt).float())
+        key = (self.penalty, self._addresses())  # after the prefill: it creates the cache's tensors
+        if key != self.key:
+            self.graph, self.warm, self.key = None, 0, key
         produced = 1
         for n in range(1, max_new_tokens):
             self._step()
