@@ -302,7 +302,13 @@ def _prefill_rows(report: Report, vlm: QwenVL, inputs: dict, device: torch.devic
     ways = {"transformers' forward": (moved, lambda batch: model(**batch, **options)),
             "prefill.py": (prepare, lambda prompt: prefill.run(model, prompt, **options))}
     if device.type == "cuda":
-        ways["prefill.py, one CUDA graph"] = (prepare, prefill.CapturedPrefill(model, cache))
+        captured = prefill.CapturedPrefill(model, cache)
+
+        def replay(prompt: prefill.Prompt) -> None:
+            if captured(prompt) is None:
+                raise RuntimeError("this prefill could not be captured")
+
+        ways["prefill.py, one CUDA graph"] = (prepare, replay)
     for label, (make, run) in ways.items():
         def once():
             cache.reset()
@@ -334,7 +340,8 @@ def _prefill_rows(report: Report, vlm: QwenVL, inputs: dict, device: torch.devic
                 sync(device)
             kernels = profile.key_averages()  # the GPU's own time: its kernels' durations, summed
             busy = sum(k.self_device_time_total for k in kernels) / 1e6
-            print(f"prefill kernels ({label}, {which}):\n" + kernels.table(sort_by="self_cuda_time_total", row_limit=14), flush=True)
+            table = kernels.table(sort_by="self_cuda_time_total", row_limit=14)
+            print(f"prefill kernels ({label}, {which}):\n{table}", flush=True)
             cache.reset()
             ready = make()
             sync(device)

@@ -21,9 +21,10 @@ scores, argmax, bookkeeping). The forward is compiled once per model (``torch.co
 CUDA the whole of ``_advance`` is then captured as one CUDA graph and replayed for every later
 token of every later call, so a token costs the host one ``replay()`` instead of hundreds of
 kernel launches and torch.compile's per-call guard checks (measured on an H200: 249 tokens/s with
-inductor's own ``reduce-overhead`` graphs, 266 with this one; the GPU sets the pace now, 3.75 ms
-of GPU time per token against 0.011 ms of host time). Sampling is not handled here (generate
-does it).
+inductor's own ``reduce-overhead`` graphs, 266 with this one, 3.75 ms of GPU time per token
+against 0.011 ms of host time; 317 with the projections fused, ``fused.py``). The prefill before
+it (``prefill.py``) reads nothing back from the GPU and, on CUDA, is captured as a CUDA graph
+per prompt shape too. Sampling is not handled here (generate does it).
 """
 from __future__ import annotations
 
@@ -157,7 +158,8 @@ class GreedyDecoder:
         """The new token ids [n] of greedy decoding, ``cache`` reset by the caller.
 
         ``inputs``: one unpadded prompt from ``QwenVL.inputs`` (input_ids [1, L], attention_mask,
-        pixel_values, image_grid_thw, mm_token_type_ids where the model takes it), on the CPU.
+        pixel_values, image_grid_thw, mm_token_type_ids where the model takes it), on the CPU (the
+        pixels may be on the device already).
         Everything is copied to the device before the prefill (see :mod:`.prefill`), so the host
         queues the prefill and the first tokens without waiting for the GPU."""
         model = self.model

@@ -26,8 +26,10 @@ that loop does not reproduce, go through ``generate`` with the same cache and it
 compilation of the decoding step (``CompileConfig``). Every chain step reuses one graph;
 compilation and capture happen on the first call and are paid once per loaded model. Greedy
 output is token-identical to plain ``generate`` (tests compare them on CPU with the static cache
-forced, and in float32 on a GPU). The vision tower attends in one call per layer on GPUs
-(``attention.py``).
+forced, and in float32 on a GPU). On GPUs the vision tower attends in one call per layer
+(``attention.py``), the prefill reads nothing back from the GPU and is replayed as a CUDA graph
+(``prefill.py``), the q/k/v and gate/up projections are fused (``fused.py``), and the pixels are
+patchified there (``vision.patchify``).
 """
 from __future__ import annotations
 
@@ -99,7 +101,7 @@ class QwenVL:
         """policy.vlm_fast_decode, where this transformers has what it needs (forcing it errors)."""
         from ..policy import vlm_fast_decode
 
-        return vlm_fast_decode(self.device, self.fast_decode) and (self.fast_decode or _static_cache_sizing())
+        return vlm_fast_decode(self.device, self.fast_decode) and (self.fast_decode or _fast_path_supported())
 
     def _fast_options(self, prompt_len: int, max_new_tokens: int) -> dict[str, Any]:
         """generate() options of the fast path: this model's own static cache, reset for every call.
@@ -109,12 +111,12 @@ class QwenVL:
         them re-record); it is rebuilt only when a longer bucket is needed or the model moved."""
         from transformers import CompileConfig, StaticCache
 
-        if not _static_cache_sizing():
+        if not _fast_path_supported():
             import transformers
 
             raise RuntimeError(
-                f"fast VLM decoding needs transformers 5.2x (GenerationConfig.max_cache_len, transformers.vision_utils); this is "
-                f"{transformers.__version__}: upgrade it or set fast_decode=False"
+                "fast VLM decoding needs transformers 5.2x (GenerationConfig.max_cache_len, "
+                f"transformers.vision_utils); this is {transformers.__version__}: upgrade it or set fast_decode=False"
             )
         length = CACHE_BUCKET * -(-(prompt_len + max_new_tokens) // CACHE_BUCKET)
         cache, where, size = self._cache or (None, None, 0)
@@ -286,7 +288,7 @@ class QwenVL:
         return results
 
 
-def _static_cache_sizing() -> bool:
+def _fast_path_supported() -> bool:
     """Whether generate() sizes static caches across calls (GenerationConfig.max_cache_len) and
     the vision tower takes its index tensors precomputed (``prefill.py``): transformers 5.2x."""
     from transformers import GenerationConfig

@@ -134,7 +134,7 @@ def patchify(images: list[np.ndarray], processor: Any, device: torch.device) -> 
         if processor.do_resize and (height % (patch * merge) or width % (patch * merge)
                                     or not low <= height * width <= high):
             return None
-        x = torch.from_numpy(np.ascontiguousarray(array)).to(device).permute(2, 0, 1).float()
+        x = torch.from_numpy(np.array(array)).to(device).permute(2, 0, 1).float()  # a writable copy
         if processor.do_rescale:
             x = x * processor.rescale_factor
         if processor.do_normalize:
