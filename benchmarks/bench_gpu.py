@@ -50,7 +50,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 from coz_core.imageops import load_image  # noqa: E402
 from coz_core import policy  # noqa: E402
 from coz_core.policy import sd3_precision  # noqa: E402
-from coz_core.prompt import attention, prefill  # noqa: E402
+from coz_core.prompt import attention, fused, prefill  # noqa: E402
 from coz_core.prompt.base import PromptRequest  # noqa: E402
 from coz_core.prompt.qwen import MULTISCALE_SYSTEM, QwenPromptSource, QwenVL  # noqa: E402
 from coz_core.prompt.vision import prepare_images  # noqa: E402
@@ -242,14 +242,13 @@ def section_vlm(report: Report, models: Models, args, device: torch.device) -> N
         runs.insert(1, ("fast path, projections as loaded", True, False))
     for label, fast, fuse in runs:
         vlm.fast_decode, vlm.fuse = fast, fuse
-        if fast and vlm._step is not None and fuse != hasattr(vlm.model.model.language_model.layers[0].self_attn,
-                                                                "qkv_proj"):
+        if fast and vlm._step is not None and fuse != fused.is_fused(vlm.model):
             vlm._step = None  # fused now: compiled and captured again
         try:
             results[label] = _vlm_rows(report, vlm, label, inputs, source, request, args, device, length)
             if fast:
-                fused = hasattr(vlm.model.model.language_model.layers[0].self_attn, "qkv_proj")
-                _prefill_rows(report, vlm, inputs, device, args.repeats, "fused" if fused else "as loaded")
+                which = "fused" if fused.is_fused(vlm.model) else "as loaded"
+                _prefill_rows(report, vlm, inputs, device, args.repeats, which)
         except SectionTimeout:
             raise
         except Exception as exc:

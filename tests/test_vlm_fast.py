@@ -15,6 +15,7 @@ import torch
 from qwen_fixtures import make_tiny_qwen
 
 from coz_core.policy import vlm_fast_decode
+from coz_core.prompt import fused
 from coz_core.prompt.qwen import MULTISCALE_SYSTEM, load_qwen_vl
 from coz_core.prompt.vision import prepare_images
 
@@ -128,7 +129,7 @@ def test_cuda_graph_decoding_equals_generate_and_is_captured_once(tmp_path):
         forced = fast.generate_ids(inputs, 12, min_new_tokens=12)
         assert torch.equal(forced, vlm.generate_ids(inputs, 12, min_new_tokens=12))
     assert fast._step.capture and fast._step.captures == 1 and fast._step.prefill.captures == 1
-    assert hasattr(fast.model.model.language_model.layers[0].self_attn, "qkv_proj")
+    assert fused.is_fused(fast.model)
     fast.model.to("cpu")
     fast.model.to("cuda")
     inputs = _inputs(vlm, 3)

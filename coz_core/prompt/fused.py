@@ -85,12 +85,17 @@ def _fuse_mlp(mlp: nn.Module) -> None:
     mlp.forward = types.MethodType(_mlp_forward, mlp)
 
 
+def is_fused(model: Any) -> bool:
+    """Whether :func:`fuse_projections` has fused ``model``."""
+    return all(hasattr(layer.self_attn, "qkv_proj") for layer in model.model.language_model.layers)
+
+
 def fuse_projections(model: Any) -> bool:
     """Fuse the projections of every layer of ``model``'s language model and vision tower, in
     place (once; a second call does nothing). False where this transformers' layers are not the
     ones mirrored here (the model is left as it was)."""
     layers, visual = model.model.language_model.layers, model.model.visual
-    if all(hasattr(layer.self_attn, "qkv_proj") for layer in layers):
+    if is_fused(model):
         return True
     if not (all(_known_attention(layer.self_attn) and hasattr(layer.mlp, "gate_proj") for layer in layers)
             and all(hasattr(block.mlp, "gate_proj") for block in visual.blocks)

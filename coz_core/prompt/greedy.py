@@ -140,12 +140,6 @@ class GreedyDecoder:
             logits = prefill.run(self.model, prompt, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         return logits
 
-    def _addresses(self) -> tuple:
-        layers = getattr(self.cache, "layers", [])
-        return (tuple(p.data_ptr() for p in self.model.parameters())
-                + tuple(t.data_ptr() for layer in layers for t in (getattr(layer, "keys", None),
-                                                                    getattr(layer, "values", None)) if t is not None))
-
     @torch.inference_mode()
     def __call__(
         self,
@@ -182,7 +176,7 @@ class GreedyDecoder:
         self.index.zero_()
         self.position.copy_(prompt.positions[..., -1:])
         self._choose(self._prefill(prompt).float())
-        key = (self.penalty, self._addresses())  # after the prefill: it creates the cache's tensors
+        key = (self.penalty, prefill.addresses(self.model, self.cache))  # after the prefill: it creates the cache's tensors
         if key != self.key:
             self.graph, self.warm, self.key = None, 0, key
         produced = 1

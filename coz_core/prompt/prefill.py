@@ -141,9 +141,7 @@ class CapturedPrefill:
     def _key(self, prompt: Prompt) -> tuple:
         shapes = tuple(t.shape for t in _tensors(prompt))
         numbers = tuple((k, v) for k, v in sorted(prompt.vision.items()) if not isinstance(v, torch.Tensor))
-        layers = getattr(self.cache, "layers", [])
-        return (shapes, numbers, tuple(p.data_ptr() for p in self.model.parameters()),
-                tuple(t.data_ptr() for layer in layers for t in (getattr(layer, "keys", None),) if t is not None))
+        return shapes, numbers, addresses(self.model, self.cache)
 
     def _run(self) -> torch.Tensor:
         return run(self.model, self.inputs, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -186,6 +184,14 @@ class CapturedPrefill:
         self.captures += 1
         graph.replay()
         return self.logits
+
+
+def addresses(model: Any, cache: Any) -> tuple:
+    """Where ``model``'s weights and ``cache``'s tensors are: what a CUDA graph of them holds."""
+    layers = getattr(cache, "layers", [])
+    return (tuple(p.data_ptr() for p in model.parameters())
+            + tuple(t.data_ptr() for layer in layers for t in (getattr(layer, "keys", None),
+                                                                getattr(layer, "values", None)) if t is not None))
 
 
 def _tensors(prompt: Prompt) -> list[torch.Tensor]:
