@@ -53,7 +53,7 @@ from coz_core.policy import sd3_precision  # noqa: E402
 from coz_core.prompt import attention, fused, prefill  # noqa: E402
 from coz_core.prompt.base import PromptRequest  # noqa: E402
 from coz_core.prompt.qwen import MULTISCALE_SYSTEM, QwenPromptSource, QwenVL  # noqa: E402
-from coz_core.prompt.vision import prepare_images  # noqa: E402
+from coz_core.prompt.vision import prepare_images, prepare_on  # noqa: E402
 from coz_core.residency import take_turns  # noqa: E402
 from coz_core.sr.base import SRRequest  # noqa: E402
 from coz_core.sr.coz_sd3 import CoZSD3Backbone  # noqa: E402
@@ -267,6 +267,12 @@ def section_vlm(report: Report, models: Models, args, device: torch.device) -> N
     report.row("vlm", "prompt step: images to 8 bits, resized by Pillow (the reference's pixels)", ms(resize),
                seconds=resize)
     images = prepare_images(previous) + prepare_images(zoomed)
+    on_device = timed(lambda: prepare_on(previous, device) + prepare_on(zoomed, device), device, args.repeats)
+    report.row("vlm", "prompt step: the same with torch on the device (pillow_resize; a GPU's route)",
+               ms(on_device), seconds=on_device)
+    ours = prepare_on(previous, device) + prepare_on(zoomed, device)
+    same = all(torch.equal(t.cpu(), torch.from_numpy(a)) for t, a in zip(ours, images, strict=True))
+    report.row("vlm", "prompt step: its pixels == Pillow's", "yes" if same else "NO", identical=same)
     prep = timed(lambda: vlm.inputs(images, MULTISCALE_SYSTEM), device, args.repeats)
     report.row("vlm", "prompt step: its inputs (chat template, tokens, pixels patchified on the device)", ms(prep),
                seconds=prep)

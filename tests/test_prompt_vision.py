@@ -8,7 +8,9 @@ import pytest
 import torch
 from qwen_fixtures import reference_pixels
 
-from coz_core.prompt.vision import MAX_PIXELS, MIN_PIXELS, pixel_limits, prepare_images, prepare_together, smart_size
+from coz_core.prompt.vision import (
+    MAX_PIXELS, MIN_PIXELS, pixel_limits, prepare_batches, prepare_images, prepare_on, prepare_together, smart_size,
+)
 
 # (height, width) -> smart_resize(h, w, factor=28, min_pixels=4*28*28, max_pixels=16384*28*28) as
 # computed by qwen-vl-utils 0.0.14 (which cannot be imported here: it needs torchvision).
@@ -83,6 +85,41 @@ def test_prepare_together_gives_each_batch_what_prepare_images_gives():
     assert len(prepare_together(batches[1:2])[0]) == 1
     with pytest.raises(ValueError, match="NaN"):  # checked on the calling thread, before any resize
         prepare_together([batches[0], torch.full((1, 3, 56, 56), float("nan"))])
+
+
+def test_prepare_on_a_device_gives_the_reference_pixels():
+    # the torch route a GPU takes (pillow_resize), run here on the CPU: Pillow's pixels exactly
+    g = torch.Generator().manual_seed(4)
+    cpu = torch.device("cpu")
+    batches = [torch.rand(2, 3, 512, 384, generator=g), torch.rand(1, 3, 37, 61, generator=g),
+               torch.rand(1, 3, 56, 84, generator=g), torch.full((1, 1, 40, 40), 0.5),
+               torch.cat([torch.rand(1, 3, 90, 300, generator=g), torch.ones(1, 1, 90, 300)], 1)]
+    for batch in batches:
+        ours = prepare_on(batch, cpu)
+        assert all(t.dtype == torch.uint8 and t.device == cpu for t in ours)
+        for tensor, array in zip(ours, prepare_images(batch), strict=True):
+            np.testing.assert_array_equal(tensor.numpy(), array)
+    np.testing.assert_array_equal(prepare_on(batches[0], cpu)[1].numpy(), reference_pixels(batches[0][1], (504, 392)))
+    with pytest.raises(ValueError, match="NaN"):
+        prepare_on(torch.full((1, 3, 56, 56), float("nan")), cpu)
+
+
+def test_prepare_batches_leaves_the_cpu_to_pillow():
+    batches = [torch.rand(1, 3, 100, 130), torch.rand(1, 3, 64, 64)]
+    out = prepare_batches(batches, torch.device("cpu"))
+    assert all(isinstance(a, np.ndarray) for images in out for a in images)
+    assert all(np.array_equal(a, b) for a, b in zip(out[1], prepare_images(batches[1])))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU route")
+def test_prepare_batches_resizes_on_the_gpu_to_pillows_pixels():
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.rand(1, 3, 512, 512, generator=g), torch.rand(2, 3, 300, 1000, generator=g)]
+    out = prepare_batches([b.cuda() for b in batches], torch.device("cuda"))
+    for batch, images in zip(batches, out):
+        for tensor, array in zip(images, prepare_images(batch), strict=True):
+            assert tensor.is_cuda
+            np.testing.assert_array_equal(tensor.cpu().numpy(), array)
 
 
 def test_pixel_limits_read_from_the_folder(tmp_path):

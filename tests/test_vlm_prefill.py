@@ -94,14 +94,25 @@ def test_fusion_leaves_an_unknown_attention_alone(vlm, monkeypatch):
     assert hasattr(model.model.language_model.layers[0].self_attn, "q_proj")
 
 
+@pytest.mark.parametrize("as_tensors", [False, True])
 @pytest.mark.parametrize("sizes", [((224, 168), (56, 56)), ((84, 308),)])
-def test_patchify_gives_the_processors_pixels(vlm, sizes):
+def test_patchify_gives_the_processors_pixels(vlm, sizes, as_tensors):
     g = torch.Generator().manual_seed(3)
     images = sum((prepare_images(torch.rand(1, 3, h, w, generator=g)) for h, w in sizes), [])
-    ours = patchify(images, vlm.image_processor, torch.device("cpu"))
+    given = [torch.from_numpy(a) for a in images] if as_tensors else images  # prepare_batches' two kinds
+    ours = patchify(given, vlm.image_processor, torch.device("cpu"))
     theirs = vlm.image_processor(images, return_tensors="pt")
     assert torch.equal(ours["image_grid_thw"], theirs["image_grid_thw"])
     torch.testing.assert_close(ours["pixel_values"], theirs["pixel_values"], rtol=0, atol=2e-6)
+
+
+def test_inputs_from_tensors_equal_inputs_from_arrays(vlm):
+    # tensors (a GPU's prepare_batches) reach the processor on the CPU as the arrays would
+    images = sum((prepare_images(torch.rand(1, 3, 84, 112)) for _ in range(2)), [])
+    arrays = vlm.inputs(images, MULTISCALE_SYSTEM)
+    tensors = vlm.inputs([torch.from_numpy(a) for a in images], MULTISCALE_SYSTEM)
+    assert arrays.keys() == tensors.keys()
+    assert all(torch.equal(arrays[k], tensors[k]) for k in arrays)
 
 
 def test_patchify_leaves_resizing_to_the_processor(vlm):

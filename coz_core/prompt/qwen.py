@@ -28,8 +28,8 @@ compilation and capture happen on the first call and are paid once per loaded mo
 output is token-identical to plain ``generate`` (tests compare them on CPU with the static cache
 forced, and in float32 on a GPU). On GPUs the vision tower attends in one call per layer
 (``attention.py``), the prefill reads nothing back from the GPU and is replayed as a CUDA graph
-(``prefill.py``), the q/k/v and gate/up projections are fused (``fused.py``), and the pixels are
-patchified there (``vision.patchify``).
+(``prefill.py``), the q/k/v and gate/up projections are fused (``fused.py``), and the images are
+resized there, to Pillow's exact pixels (``pillow_resize.py``), and patchified (``vision.patchify``).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ from .attention import use_fast_vision_attention
 from .base import PromptRequest
 from .clean import CLIP_TOKENS, clean_prompt
 from .fused import fuse_projections
-from .vision import patchify, pixel_limits, prepare_images, prepare_together
+from .vision import patchify, pixel_limits, prepare_batches
 
 MULTISCALE_SYSTEM = (
     "The second image is a zoom-in of the first image. Based on this knowledge, what is in the "
@@ -58,6 +58,7 @@ MULTISCALE_SYSTEM = (
 )
 SINGLE_SYSTEM = "What is in this image? Give me a set of words."
 MAX_NEW_TOKENS = VLM_TOKENS
+Image = np.ndarray | torch.Tensor  # uint8 [h, w, 3], sized for the VLM (vision.prepare_batches)
 CACHE_BUCKET = 256  # static KV cache lengths are rounded up to this (one compiled graph for all steps)
 IMAGE_TOKEN = "<|image_pad|>"
 
@@ -150,10 +151,10 @@ class QwenVL:
         self.model.to(device)
         return self
 
-    def inputs(self, images: list[np.ndarray], system: str) -> dict[str, torch.Tensor]:
+    def inputs(self, images: list[Image], system: str) -> dict[str, torch.Tensor]:
         """Model inputs for one chat: token ids with every image's placeholder expanded, pixels.
 
-        ``images`` are uint8 [h, w, 3] arrays already sized by :func:`vision.prepare_images`.
+        ``images`` are uint8 [h, w, 3] arrays or tensors already sized by :func:`vision.prepare_batches`.
         """
         text = self.tokenizer.apply_chat_template(
             messages(system, len(images)), chat_template=self.chat_template, tokenize=False,
@@ -166,7 +167,8 @@ class QwenVL:
             )
         pixels = patchify(images, self.image_processor, self.device) if self.device.type == "cuda" else None
         if pixels is None:  # on the CPU, the reference's own processor
-            pixels = self.image_processor(images, return_tensors="pt")
+            arrays = [x.cpu().numpy() if isinstance(x, torch.Tensor) else x for x in images]
+            pixels = self.image_processor(arrays, return_tensors="pt")
         merge = int(getattr(self.image_processor, "merge_size", 2)) ** 2
         pieces = text.split(IMAGE_TOKEN)
         counts = [int(grid.prod()) // merge for grid in pixels["image_grid_thw"]]
@@ -466,12 +468,10 @@ class QwenPromptSource:
                 f"previous scale and zoomed input have different batch sizes "
                 f"({request.previous.shape[0]} and {request.zoomed.shape[0]})"
             )
-        limits = (self.vlm.min_pixels, self.vlm.max_pixels)
-        if request.multiscale:
-            previous, zoomed = prepare_together([request.previous, request.zoomed], *limits)
-            chats = [([p, z], MULTISCALE_SYSTEM) for p, z in zip(previous, zoomed)]
-        else:
-            chats = [([z], SINGLE_SYSTEM) for z in prepare_images(request.zoomed, *limits)]
+        batches = [request.previous, request.zoomed] if request.multiscale else [request.zoomed]
+        system = MULTISCALE_SYSTEM if request.multiscale else SINGLE_SYSTEM
+        prepared = prepare_batches(batches, self.vlm.device, self.vlm.min_pixels, self.vlm.max_pixels)
+        chats = [(list(images), system) for images in zip(*prepared)]
 
         # a seeded sample draws from its own generator state and leaves the global one as it was
         seeded = self.sample and self.seed is not None
@@ -492,7 +492,7 @@ class QwenPromptSource:
         self.records.append(PromptRecord(step, index, raw, prompt, new_tokens, seconds))
         return prompt
 
-    def _batched(self, step: int, chats: list[tuple[list[np.ndarray], str]], user_prompt: str) -> list[str]:
+    def _batched(self, step: int, chats: list[tuple[list[Image], str]], user_prompt: str) -> list[str]:
         prompts: list[str] = []
         while len(prompts) < len(chats):
             start = len(prompts)
@@ -510,7 +510,7 @@ class QwenPromptSource:
             prompts += [self._finish(step, start + i, raw, n, seconds, user_prompt) for i, (raw, n) in enumerate(answers)]
         return prompts
 
-    def _one(self, step: int, index: int, images: list[np.ndarray], system: str, user_prompt: str) -> str:
+    def _one(self, step: int, index: int, images: list[Image], system: str, user_prompt: str) -> str:
         start = time.perf_counter()
         raw, new_tokens = self.vlm.generate(
             self.vlm.inputs(images, system), self.max_new_tokens, self.sample, self.temperature,

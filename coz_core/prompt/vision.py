@@ -5,8 +5,9 @@ The reference saves every image as an 8-bit PNG and hands the path to qwen-vl-ut
 filter, bicubic) to the size its ``smart_resize`` picks: both sides multiples of 28 (patch 14 x
 merge 2), the pixel count within [min_pixels, max_pixels], the aspect ratio kept as closely as
 possible. The Qwen processor then normalises and patchifies. Here the same happens on tensors in
-memory: quantise to 8 bits, resize with Pillow to the same size; no files. On a GPU the
-normalising and patchifying run there (:func:`patchify`), which the processor does with NumPy.
+memory: quantise to 8 bits, resize with Pillow to the same size; no files. For a VLM on a GPU all
+of it runs there: the resize by :mod:`.pillow_resize` (Pillow's pixels exactly), the normalising
+and patchifying by :func:`patchify` (which the processor does with NumPy).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from ..imageops import ensure_rgb
+from . import pillow_resize
 
 FACTOR = 28  # patch_size 14 x spatial merge 2
 MIN_PIXELS = 4 * FACTOR * FACTOR  # qwen-vl-utils: 4 image tokens
@@ -81,16 +83,15 @@ def pixel_limits(folder: str | Path) -> tuple[int, int]:
     return int(low), int(high)
 
 
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """One [3, H, W] float 0..1 image as a [H, W, 3] uint8 array: ``floor(x * 255 + 0.5)`` in float64
-    (round half up, as :func:`coz_core.imageops.save_image`; the reference truncates its SR output
-    when it saves it, a difference of at most one level)."""
-    array = image.detach().double().clamp(0, 1).mul(255.0).add(0.5).floor().to(torch.uint8)
-    return array.permute(1, 2, 0).cpu().numpy()
+def quantise(images: torch.Tensor) -> torch.Tensor:
+    """Images [B, 3, H, W] (float 0..1) as uint8 [B, H, W, 3] on their device: ``floor(x * 255 + 0.5)``
+    in float64 (round half up, as :func:`coz_core.imageops.save_image`; the reference truncates its
+    SR output when it saves it, a difference of at most one level)."""
+    return images.detach().double().clamp(0, 1).mul(255.0).add(0.5).floor().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def _quantised(images: torch.Tensor, min_pixels: int, max_pixels: int) -> tuple[list[np.ndarray], tuple[int, int]]:
-    """The checked images of ``images`` as uint8 [H, W, 3] arrays, and the (h, w) they go to."""
+def _checked(images: torch.Tensor, min_pixels: int, max_pixels: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``images`` as RGB after checking them, and the (h, w) they go to."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"expected images [B, C, H, W], got {shape}")
@@ -100,7 +101,13 @@ def _quantised(images: torch.Tensor, min_pixels: int, max_pixels: int) -> tuple[
     if not torch.isfinite(images).all():
         raise ValueError("the image contains NaN or infinite values")
     height, width = int(images.shape[-2]), int(images.shape[-1])
-    return [to_uint8(image) for image in images], smart_size(height, width, FACTOR, min_pixels, max_pixels)
+    return images, smart_size(height, width, FACTOR, min_pixels, max_pixels)
+
+
+def _quantised(images: torch.Tensor, min_pixels: int, max_pixels: int) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """The checked images of ``images`` as uint8 [H, W, 3] arrays, and the (h, w) they go to."""
+    images, size = _checked(images, min_pixels, max_pixels)
+    return list(quantise(images).cpu().numpy()), size
 
 
 def _resized(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -150,9 +157,37 @@ def prepare_together(
     return out
 
 
-def patchify(images: list[np.ndarray], processor: Any, device: torch.device) -> dict[str, torch.Tensor] | None:
-    """What the Qwen image ``processor`` returns for ``images`` (uint8 [h, w, 3], already at a size
-    it keeps), computed with torch on ``device``: pixel_values [patches, C * t * p * p] there
+# above this many pixels an image is resized by Pillow on the CPU even for a GPU: its float64
+# copies on the GPU would take GiBs
+DEVICE_RESIZE_PIXELS = 1 << 24
+
+
+def prepare_batches(
+    batches: list[torch.Tensor], device: torch.device, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> list[list[np.ndarray | torch.Tensor]]:
+    """Each batch [B, C, H, W] (float 0..1) as the uint8 [h, w, 3] images a VLM on ``device`` sees,
+    the pixels of :func:`prepare_images`. For a CUDA ``device``: tensors quantised and resized there
+    (:mod:`.pillow_resize`, every pixel equal to Pillow's), with no round trip through the CPU.
+    Otherwise arrays resized by Pillow (:func:`prepare_together`)."""
+    if device.type != "cuda" or any(b.shape[-2] * b.shape[-1] > DEVICE_RESIZE_PIXELS for b in batches):
+        return prepare_together(batches, min_pixels, max_pixels)
+    return [prepare_on(batch, device, min_pixels, max_pixels) for batch in batches]
+
+
+def prepare_on(
+    images: torch.Tensor, device: torch.device, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> list[torch.Tensor]:
+    """:func:`prepare_images` computed with torch on ``device``: uint8 [h, w, 3] tensors there."""
+    images, size = _checked(images, min_pixels, max_pixels)
+    pixels = quantise(images).to(device)
+    return list(pixels if tuple(pixels.shape[1:3]) == size else pillow_resize.resize(pixels, size))
+
+
+def patchify(
+    images: list[np.ndarray | torch.Tensor], processor: Any, device: torch.device
+) -> dict[str, torch.Tensor] | None:
+    """What the Qwen image ``processor`` returns for ``images`` (uint8 [h, w, 3] arrays or tensors,
+    already at a size it keeps), computed with torch on ``device``: pixel_values [patches, C * t * p * p] there
     (float32), image_grid_thw [n, 3] on the CPU. None when an image would be resized (the
     processor must do that). The same arithmetic as the processor's, in another order: results
     agree to float32 rounding (tests compare them)."""
@@ -167,7 +202,8 @@ def patchify(images: list[np.ndarray], processor: Any, device: torch.device) -> 
         if processor.do_resize and (height % (patch * merge) or width % (patch * merge)
                                     or not low <= height * width <= high):
             return None
-        x = torch.from_numpy(np.array(array)).to(device).permute(2, 0, 1).float()  # a writable copy
+        x = torch.as_tensor(np.array(array) if isinstance(array, np.ndarray) else array)  # arrays: a writable copy
+        x = x.to(device).permute(2, 0, 1).float()
         if processor.do_rescale:
             x = x * processor.rescale_factor
         if processor.do_normalize:
