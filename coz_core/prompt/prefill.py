@@ -162,7 +162,7 @@ class CapturedPrefill:
             return self._capture()
         except RuntimeError as exc:
             self.graph, self.inputs, self.logits = None, None, None
-            self.failed.add(key)
+            self.failed |= {key, self._key(prompt)}  # the warm-up may have created the cache's tensors
             self.cache.reset()
             warnings.warn(f"the VLM prefill could not be captured as a CUDA graph ({exc}); prompts of this "
                           "shape run eagerly")
