@@ -87,7 +87,8 @@ def quantise(images: torch.Tensor) -> torch.Tensor:
     """Images [B, 3, H, W] (float 0..1) as uint8 [B, H, W, 3] on their device: ``floor(x * 255 + 0.5)``
     in float64 (round half up, as :func:`coz_core.imageops.save_image`; the reference truncates its
     SR output when it saves it, a difference of at most one level)."""
-    return images.detach().double().clamp(0, 1).mul(255.0).add(0.5).floor().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    levels = images.detach().double().clamp(0, 1).mul(255.0).add(0.5).floor().to(torch.uint8)
+    return levels.permute(0, 2, 3, 1).contiguous()
 
 
 def _checked(images: torch.Tensor, min_pixels: int, max_pixels: int) -> tuple[torch.Tensor, tuple[int, int]]:
