@@ -120,6 +120,8 @@ def test_prepare_batches_resizes_on_the_gpu_to_pillows_pixels():
         for tensor, array in zip(images, prepare_images(batch), strict=True):
             assert tensor.is_cuda
             np.testing.assert_array_equal(tensor.cpu().numpy(), array)
+    large = torch.rand(1, 3, 2049, 2048, device="cuda")  # above DEVICE_RESIZE_PIXELS: Pillow on the CPU
+    assert isinstance(prepare_batches([large], torch.device("cuda"))[0][0], np.ndarray)
 
 
 def test_pixel_limits_read_from_the_folder(tmp_path):

@@ -29,7 +29,6 @@ def _kernel(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
-@lru_cache(maxsize=16)
 def weights(in_size: int, out_size: int) -> np.ndarray:
     """The int64 [out_size, in_size] fixed-point weights of one pass (``precompute_coeffs`` and
     ``normalize_coeffs_8bpc``); the weights Pillow leaves out of a pixel's window are zero."""
@@ -55,7 +54,7 @@ def weights(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=4)  # a chain resizes to one or two sizes; at 2048 pixels a matrix takes 32 MiB
 def _matrix(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(weights(in_size, out_size)).to(device, torch.float64)
 

@@ -158,9 +158,9 @@ def prepare_together(
     return out
 
 
-# above this many pixels an image is resized by Pillow on the CPU even for a GPU: its float64
-# copies on the GPU would take GiBs
-DEVICE_RESIZE_PIXELS = 1 << 24
+# above this many pixels (2048 x 2048) an image is resized by Pillow on the CPU even for a GPU:
+# its float64 copies and resize matrices there would take hundreds of MiB
+DEVICE_RESIZE_PIXELS = 1 << 22
 
 
 def prepare_batches(
