@@ -141,6 +141,9 @@ def test_captured_prefill_is_captured_again_only_for_another_shape(vlm):
     other = prefill.prepare(vlm.model, _inputs(vlm, 5, sizes=((112, 112), (56, 56))), cpu, vlm.model.dtype)
     assert not torch.equal(first.pixel_values, second.pixel_values)
     assert graph._key(first) == graph._key(second) != graph._key(other)
+    model = copy.deepcopy(vlm.model)
+    model.set_attn_implementation({"vision_config": "sdpa"})  # the graph would keep the other attention
+    assert prefill.CapturedPrefill(model, graph.cache)._key(first)[2] != graph._key(first)[2]
     assert len(prefill._tensors(first)) == 4 + 4  # ids, positions, pixels, image tokens; 4 vision index tensors
 
 

@@ -122,10 +122,10 @@ class CapturedPrefill:
     GPU, sets its pace (measured on an H200: 31 ms of kernels in 54 to 76 ms). A CoZ chain asks the
     same question of same-sized images at every step, so every prompt has the same shapes: the
     graph captured for the first is replayed for the others, the prompt copied into its inputs.
-    Another shape, moved weights or another cache length gets a new capture (the key); the
-    caller resets the cache before every call, as for :func:`run`. A prompt whose prefill cannot
-    be captured (e.g. an attention setting that reads device values on the host) gets None, with
-    a warning, and its shape is not tried again: the caller runs it eagerly."""
+    Another shape, another attention setting, moved weights or another cache length gets a new
+    capture (the key); the caller resets the cache before every call, as for :func:`run`. A prompt
+    whose prefill cannot be captured (e.g. an attention setting that reads device values on the
+    host) gets None, with a warning, and its key is not tried again: the caller runs it eagerly."""
 
     WARMUP = 2
 
@@ -141,7 +141,10 @@ class CapturedPrefill:
     def _key(self, prompt: Prompt) -> tuple:
         shapes = tuple(t.shape for t in _tensors(prompt))
         numbers = tuple((k, v) for k, v in sorted(prompt.vision.items()) if not isinstance(v, torch.Tensor))
-        return shapes, numbers, addresses(self.model, self.cache)
+        config = self.model.config  # the attention functions the forward dispatches to (the graph keeps its own)
+        attention = tuple(getattr(c, "_attn_implementation", None)
+                          for c in (config, getattr(config, "vision_config", None), getattr(config, "text_config", None)))
+        return shapes, numbers, attention, addresses(self.model, self.cache)
 
     def _run(self) -> torch.Tensor:
         return run(self.model, self.inputs, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
