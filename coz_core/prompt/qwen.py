@@ -58,7 +58,7 @@ MULTISCALE_SYSTEM = (
 )
 SINGLE_SYSTEM = "What is in this image? Give me a set of words."
 MAX_NEW_TOKENS = VLM_TOKENS
-Image = np.ndarray | torch.Tensor  # uint8 [h, w, 3], sized for the VLM (vision.prepare_batches)
+SizedImage = np.ndarray | torch.Tensor  # uint8 [h, w, 3], sized for the VLM (vision.prepare_batches)
 CACHE_BUCKET = 256  # static KV cache lengths are rounded up to this (one compiled graph for all steps)
 IMAGE_TOKEN = "<|image_pad|>"
 
@@ -151,7 +151,7 @@ class QwenVL:
         self.model.to(device)
         return self
 
-    def inputs(self, images: list[Image], system: str) -> dict[str, torch.Tensor]:
+    def inputs(self, images: list[SizedImage], system: str) -> dict[str, torch.Tensor]:
         """Model inputs for one chat: token ids with every image's placeholder expanded, pixels.
 
         ``images`` are uint8 [h, w, 3] arrays or tensors already sized by :func:`vision.prepare_batches`.
@@ -492,7 +492,7 @@ class QwenPromptSource:
         self.records.append(PromptRecord(step, index, raw, prompt, new_tokens, seconds))
         return prompt
 
-    def _batched(self, step: int, chats: list[tuple[list[Image], str]], user_prompt: str) -> list[str]:
+    def _batched(self, step: int, chats: list[tuple[list[SizedImage], str]], user_prompt: str) -> list[str]:
         prompts: list[str] = []
         while len(prompts) < len(chats):
             start = len(prompts)
@@ -510,7 +510,7 @@ class QwenPromptSource:
             prompts += [self._finish(step, start + i, raw, n, seconds, user_prompt) for i, (raw, n) in enumerate(answers)]
         return prompts
 
-    def _one(self, step: int, index: int, images: list[Image], system: str, user_prompt: str) -> str:
+    def _one(self, step: int, index: int, images: list[SizedImage], system: str, user_prompt: str) -> str:
         start = time.perf_counter()
         raw, new_tokens = self.vlm.generate(
             self.vlm.inputs(images, system), self.max_new_tokens, self.sample, self.temperature,
