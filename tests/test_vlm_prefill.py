@@ -160,7 +160,7 @@ def test_a_failed_capture_falls_back_to_the_eager_prefill_once_per_shape(vlm, mo
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
 
     monkeypatch.setattr(prefill.CapturedPrefill, "_capture", failing_capture)
-    model, cpu = vlm.model, torch.device("cpu")
+    model = vlm.model
     expected = greedy.GreedyDecoder(model, StaticCache(config=model.config, max_cache_len=256), 256,
                                     model.__call__)(_inputs(vlm, 0), 6)  # no prefill graph: eager
     cache = StaticCache(config=model.config, max_cache_len=256)  # its tensors are made by the first prefill
