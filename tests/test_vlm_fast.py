@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from qwen_fixtures import make_tiny_qwen
@@ -93,6 +94,29 @@ def test_fast_greedy_loop_matches_generate_with_penalty_min_tokens_and_end_token
         config.eos_token_id, config.min_new_tokens = original, None
 
 
+def test_fast_greedy_loop_computes_no_token_past_the_end(vlm, monkeypatch):
+    # on the CPU the host sees the end flag at once: the loop stops at the end token
+    fast = replace(vlm, fast_decode=True, compile_backend=None, _compile_config=None, _cache=None, _step=None)
+    inputs = _inputs(vlm, 5)
+    free = vlm.generate_ids(inputs, 20)
+    assert free.numel() > 6
+    config = vlm.model.generation_config
+    original = config.eos_token_id
+    end = int(free[5])
+    first = int((free == end).nonzero()[0, 0])  # where that token first comes
+    config.eos_token_id = [*original, end]
+    try:
+        fast.generate_ids(inputs, 4)  # makes the decoder
+        steps = []
+        step = fast._step._step
+        monkeypatch.setattr(fast._step, "_step", lambda: (steps.append(1), step())[1])
+        ids = fast.generate_ids(inputs, 20)
+        assert torch.equal(ids, vlm.generate_ids(inputs, 20)) and ids.numel() == first + 1
+        assert len(steps) == first  # the first token comes from the prefill; none after the end
+    finally:
+        config.eos_token_id = original
+
+
 def test_sampling_and_other_generation_settings_use_generate(vlm, monkeypatch):
     import coz_core.prompt.greedy as greedy
 
@@ -135,3 +159,30 @@ def test_cuda_graph_decoding_equals_generate_and_is_captured_once(tmp_path):
     inputs = _inputs(vlm, 3)
     assert torch.equal(fast.generate_ids(inputs, 20, min_new_tokens=20), vlm.generate_ids(inputs, 20, min_new_tokens=20))
     assert fast._step.captures == 2 and fast._step.prefill.captures == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the end flag read one token late on CUDA")
+def test_cuda_loop_computes_at_most_one_token_past_the_end(tmp_path, monkeypatch):
+    folder = make_tiny_qwen(tmp_path / "q")
+    vlm = load_qwen_vl(folder, device="cuda")
+    fast = replace(load_qwen_vl(folder, device="cuda"), fast_decode=True, compile_backend="eager")
+    inputs = _inputs(vlm, 5)
+    free = vlm.generate_ids(inputs, 20)
+    assert free.numel() > 6
+    end = int(free[5])
+    first = int((free == end).nonzero()[0, 0])
+    config = vlm.model.generation_config
+    original, config.eos_token_id = config.eos_token_id, [*np.atleast_1d(config.eos_token_id).tolist(), end]
+    fast.model.generation_config.eos_token_id = config.eos_token_id
+    try:
+        fast.generate_ids(inputs, 4)  # makes the decoder
+        steps = []
+        step = fast._step._step
+        monkeypatch.setattr(fast._step, "_step", lambda: (steps.append(1), step())[1])
+        for _ in range(2):  # the second call starts from the first one's flag
+            steps.clear()
+            ids = fast.generate_ids(inputs, 20)
+            assert torch.equal(ids, vlm.generate_ids(inputs, 20)) and ids.numel() == first + 1
+            assert first <= len(steps) <= first + 1
+    finally:
+        config.eos_token_id = fast.model.generation_config.eos_token_id = original
