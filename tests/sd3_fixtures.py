@@ -25,6 +25,8 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from coz_core.sr.sd3_loading import SD3Precision
+
 TRANSFORMER = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
                    num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
                    pooled_projection_dim=24, out_channels=4, pos_embed_max_size=16)
@@ -256,6 +258,10 @@ def make_peft_vae(vae: AutoencoderKL, seed: int = 2) -> AutoencoderKL:
             if "lora_" in name:
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
     return vae
+
+
+# every component in float32: the tests' reference precision
+FP32 = SD3Precision(transformer=torch.float32, vae=torch.float32, text=torch.float32, t5=torch.float32)
 
 
 @dataclass

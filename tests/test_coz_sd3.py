@@ -15,9 +15,8 @@ from coz_core.sr.coz_sd3 import CoZSD3Backbone
 from coz_core.sr.coz_weights import apply_vae_encoder, merge_adaln_lora
 from coz_core.sr.sd3_loading import SD3Precision, load_sd3_medium
 from coz_core.zoom import ChainConfig, run_chain
-from tests.sd3_fixtures import TinySD3, adaln_linears, shared_tiny_sd3
+from tests.sd3_fixtures import FP32, TinySD3, adaln_linears, shared_tiny_sd3
 
-FP32 = SD3Precision(transformer=torch.float32, vae=torch.float32, text=torch.float32, t5=torch.float32)
 PROMPTS = ["a cat", "zoom dog"]
 
 

@@ -15,12 +15,11 @@ from safetensors.torch import load_file, save_file
 from coz_core.checkpoints import CheckpointError, load_pickle_safely, read_safetensors
 from coz_core.sr.coz_sd3 import CoZSD3Backbone, TileSettings
 from coz_core.sr.coz_weights import apply_vae_encoder, convert_coz_weights, merge_adaln_lora
-from coz_core.sr.sd3_loading import SD3Precision, detect_sd3_file, load_sd3_medium
+from coz_core.sr.sd3_loading import detect_sd3_file, load_sd3_medium
 from coz_core.sr.base import SRRequest
 from coz_core.tiling import tile_starts, tiled_map
-from tests.sd3_fixtures import TinySD3, shared_tiny_sd3
+from tests.sd3_fixtures import FP32, TinySD3, shared_tiny_sd3
 
-FP32 = SD3Precision(transformer=torch.float32, vae=torch.float32, text=torch.float32, t5=torch.float32)
 
 
 @pytest.fixture(scope="module")

@@ -29,9 +29,8 @@ from safetensors.torch import load_file, save_file
 from coz_core.checkpoints import CheckpointError
 from coz_core.sr.coz_sd3 import CoZSD3Backbone
 from coz_core.sr.sd3_loading import FP8, SD3Precision, UpcastLinear, load_sd3_medium
-from tests.sd3_fixtures import TRANSFORMER, TinySD3, save_single_file, shared_tiny_sd3
+from tests.sd3_fixtures import FP32, TRANSFORMER, TinySD3, save_single_file, shared_tiny_sd3
 
-FP32 = SD3Precision(transformer=torch.float32, vae=torch.float32, text=torch.float32, t5=torch.float32)
 BF16 = SD3Precision(transformer=torch.bfloat16, vae=torch.bfloat16, text=torch.float32, t5=torch.float32)
 
 

@@ -18,9 +18,8 @@ from coz_core.policy import AUTO_MEMORY_TIERS, SD3_SPEED_PRESETS, sd3_precision,
 from coz_core.sr.base import SRRequest
 from coz_core.sr.coz_sd3 import CoZSD3Backbone
 from coz_core.sr.sd3_loading import FP8, SD3Precision, UpcastLinear, store_linears
-from tests.sd3_fixtures import TinySD3, shared_tiny_sd3
+from tests.sd3_fixtures import FP32, TinySD3, shared_tiny_sd3
 
-FP32 = SD3Precision(transformer=torch.float32, vae=torch.float32, text=torch.float32, t5=torch.float32)
 PROMPT = ["a cat"]
 
 

@@ -9,12 +9,10 @@ from coz_core.imageops import resize
 from coz_core.prompt.base import FixedPrompts
 from coz_core.sr.base import SRRequest
 from coz_core.sr.coz_sd3 import CoZSD3Backbone
-from coz_core.sr.sd3_loading import SD3Precision
 from coz_core.upscale_image import UpscaleConfig, upscale_image
-from tests.sd3_fixtures import shared_tiny_sd3
+from tests.sd3_fixtures import FP32, shared_tiny_sd3
 from tests.test_upscale_image import photo
 
-FP32 = SD3Precision(transformer=torch.float32, vae=torch.float32, text=torch.float32, t5=torch.float32)
 PROMPTS = ["a cat", "a dog", "a cat", "wood", "a dog", "sky"]
 
 
