@@ -12,8 +12,8 @@ from coz_core.upsample.batched import BatchedBand, sort_offsets
 from coz_core.upsample.grid import Grid
 from coz_core.upsample.kernel import coefficients, pad_lr, window
 from coz_core.upsample.model import pick_path
-from tests.test_upsample_kernel import random_maps
-from tests.upsample_fixtures import dense_upsample, photo, slow_upsample
+from tests.test_upsample_kernel import assert_gradients_match_dense, gradient_case, random_maps
+from tests.upsample_fixtures import photo, slow_upsample
 
 
 @pytest.mark.parametrize("hr, lr, channels", [((8, 8), (2, 2), 1), ((10, 7), (5, 7), 2)])
@@ -45,12 +45,7 @@ def test_batched_apply_equals_banded(hr, lr):
 
 
 def test_batched_gradient_matches_autograd_of_dense_formula():
-    b, hr, lr = 2, (11, 9), (4, 3)
-    torch.manual_seed(3)
-    guide, signal, guide_lr = torch.rand(b, 3, *hr), torch.rand(b, 3, *lr), torch.rand(b, 3, *lr)
-    upstream = torch.randn(b, 3, *hr)
-    maps = [m.requires_grad_(True) for m in random_maps(b, *lr, seed=4)]
-
+    hr, lr, guide, signal, guide_lr, upstream, maps = gradient_case()
     grid, pad, rows = Grid.build(hr, lr), 16, (0, lr[0])
     offsets = sort_offsets(grid, window(grid, 1e3, pad))
     coef = coefficients(*maps)
@@ -64,14 +59,8 @@ def test_batched_gradient_matches_autograd_of_dense_formula():
     band.accumulate_grad(w, total, near, out, upstream_cells * grid.valid_cell_major(rows, guide.device), grad)
     coef.backward(grad[:, :, pad:-pad, pad:-pad])
     ours = [m.grad.clone() for m in maps]
-
-    for m in maps:
-        m.grad = None
-    dense = dense_upsample(signal, guide, guide_lr, *(m.double() for m in maps))
-    torch.testing.assert_close(grid.from_cell_major(out, rows).double(), dense.detach(), rtol=1e-5, atol=1e-5)
-    (dense * upstream.double()).sum().backward()
-    for mine, ref in zip(ours, (m.grad for m in maps)):
-        torch.testing.assert_close(mine, ref.float(), rtol=2e-3, atol=2e-3 * float(ref.abs().max()))
+    dense = assert_gradients_match_dense(ours, maps, signal, guide, guide_lr, upstream)
+    torch.testing.assert_close(grid.from_cell_major(out, rows).double(), dense, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("hr, lr", [((40, 40), (10, 10)), ((37, 29), (9, 7))])

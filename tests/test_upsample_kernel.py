@@ -16,6 +16,26 @@ def random_maps(b, h, w, seed):
             (torch.rand(b, h, w, generator=g) * 2 - 1) * math.pi, 0.1 + 0.4 * torch.rand(b, h, w, generator=g))
 
 
+def gradient_case():
+    """(hr, lr, guide, signal, guide_lr, upstream gradient, maps wanting gradients): a small fit, batch 2."""
+    b, hr, lr = 2, (11, 9), (4, 3)
+    torch.manual_seed(3)
+    guide, signal, guide_lr = torch.rand(b, 3, *hr), torch.rand(b, 3, *lr), torch.rand(b, 3, *lr)
+    upstream = torch.randn(b, 3, *hr)
+    return hr, lr, guide, signal, guide_lr, upstream, [m.requires_grad_(True) for m in random_maps(b, *lr, seed=4)]
+
+
+def assert_gradients_match_dense(ours, maps, signal, guide, guide_lr, upstream) -> torch.Tensor:
+    """``ours`` (the maps' gradients) against autograd of the dense formula in float64; returns its output."""
+    for m in maps:
+        m.grad = None
+    dense = dense_upsample(signal, guide, guide_lr, *(m.double() for m in maps))
+    (dense * upstream.double()).sum().backward()
+    for mine, ref in zip(ours, (m.grad for m in maps)):
+        torch.testing.assert_close(mine, ref.float(), rtol=2e-3, atol=2e-3 * float(ref.abs().max()))
+    return dense.detach()
+
+
 @pytest.mark.parametrize("hr, lr", [((8, 8), (4, 2)), ((11, 9), (4, 3)), ((7, 10), (7, 3))])
 def test_grid_round_trip_and_nearest_cell(hr, lr):
     grid = Grid.build(hr, lr)
@@ -47,18 +67,13 @@ def test_apply_matches_slow_reference(hr, lr, channels):
 
 
 def test_gradient_matches_autograd_of_dense_formula():
-    b, hr, lr = 2, (11, 9), (4, 3)
-    torch.manual_seed(3)
-    guide, signal, guide_lr = torch.rand(b, 3, *hr), torch.rand(b, 3, *lr), torch.rand(b, 3, *lr)
-    upstream = torch.randn(b, 3, *hr)
-    maps = [m.requires_grad_(True) for m in random_maps(b, *lr, seed=4)]
-
+    hr, lr, guide, signal, guide_lr, upstream, maps = gradient_case()
     grid = Grid.build(hr, lr)
     rows = (0, lr[0])
     cells = grid.to_cells(guide, rows)
     coef = coefficients(*maps)
     pad = 16
-    grad = torch.zeros(b, 4, lr[0] + 2 * pad, lr[1] + 2 * pad)
+    grad = torch.zeros(guide.shape[0], 4, lr[0] + 2 * pad, lr[1] + 2 * pad)
     band = FitBand(grid, window(grid, 1e3, pad), rows, pad, pad_lr(coef.detach(), pad), cells, guide_lr,
                    signal, grad, cache_range=True)
     weights, out = band.forward(band.shifts)
@@ -68,13 +83,7 @@ def test_gradient_matches_autograd_of_dense_formula():
     ours = [m.grad.clone() for m in maps]
     torch.testing.assert_close(grid.from_cells(out), BilateralKernels(
         *(m.detach() for m in maps), guide, guide_lr, truncate=1e3, radius_max=16).apply(signal))
-
-    for m in maps:
-        m.grad = None
-    dense_maps = [m.double() for m in maps]
-    (dense_upsample(signal, guide, guide_lr, *dense_maps) * upstream.double()).sum().backward()
-    for mine, ref in zip(ours, (m.grad for m in maps)):
-        torch.testing.assert_close(mine, ref.float(), rtol=2e-3, atol=2e-3 * float(ref.abs().max()))
+    assert_gradients_match_dense(ours, maps, signal, guide, guide_lr, upstream)
 
 
 def test_window_covers_reach_and_stays_in_disc():
