@@ -113,6 +113,24 @@ def test_inputs_and_answer_match_an_independent_construction(vlm, multiscale):
     assert source.records[0].raw == answer and source.records[0].new_tokens == new.numel()
 
 
+def test_remembered_token_ids_follow_the_text_and_the_image_sizes(vlm):
+    """The ids are tokenized once per (system, image sizes) and remembered: every later call,
+    in any order, still equals the independent construction, and changing what one call
+    returned changes nothing after it."""
+    cases = [(SINGLE_SYSTEM, [(56, 56)]), (MULTISCALE_SYSTEM, [(56, 56), (56, 56)]),
+             (MULTISCALE_SYSTEM, [(56, 84), (56, 84)]), (SINGLE_SYSTEM, [(84, 56)])]
+    vlm._ids.clear()
+    for _ in range(2):
+        for system, sizes in cases:
+            arrays = [reference_pixels(_images(1, 56, i)[0], size) for i, size in enumerate(sizes)]
+            ours = vlm.inputs(arrays, system)
+            expected = _independent_inputs(vlm.tokenizer, system, arrays)
+            assert torch.equal(ours["input_ids"], expected["input_ids"])
+            assert torch.equal(ours["attention_mask"], expected["attention_mask"])
+            ours["input_ids"].fill_(0)
+    assert len(vlm._ids) == len(cases)
+
+
 def test_greedy_is_deterministic_and_sampling_follows_the_seed(vlm):
     request = PromptRequest(_images(2, 56, 2), _images(2, 56, 3), step=2)
     greedy = QwenPromptSource(vlm, max_new_tokens=12, clean=False)
