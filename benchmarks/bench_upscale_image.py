@@ -100,7 +100,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(args.one[0], int(args.one[1]), args.realesrgan)))
         return
-    print(f"| backbone | input -> output | tiles | time | peak RSS | of which baseline | output buffer |")
+    print("| backbone | input -> output | tiles | time | peak RSS | of which baseline | output buffer |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for kind in args.kinds.split(","):
         for side in map(int, args.sizes.split(",")):

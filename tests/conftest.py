@@ -27,3 +27,20 @@ def default_backbone(_private_model_cache):
     from coz_core.sr.realesrgan import load_embedded
 
     return load_embedded("x4plus", device="cpu", dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The tiny SD3 in its release layouts (``sd3_fixtures.TinySD3``), built once; tests only read its files."""
+    from tests.sd3_fixtures import shared_tiny_sd3
+
+    return shared_tiny_sd3(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny):
+    """A CoZ SD3 backbone of the tiny SD3 in float32, deterministic latents; one per test module."""
+    from coz_core.sr.coz_sd3 import CoZSD3Backbone
+    from tests.sd3_fixtures import FP32
+
+    return CoZSD3Backbone.from_files(tiny.folder, tiny.lora_pkl, tiny.vae_pt, precision=FP32, latent_mode="mean")

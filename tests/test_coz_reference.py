@@ -32,14 +32,8 @@ from coz_core.sr.base import SRRequest
 from coz_core.sr.coz_sd3 import CoZSD3Backbone
 from coz_core.sr.sd3_loading import SD3Precision
 from coz_core.sr.sd3_text import SD3Conditioning
-from tests.sd3_fixtures import TinySD3, shared_tiny_sd3
 
 PROMPT = "a cat zoom"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> TinySD3:
-    return shared_tiny_sd3(tmp_path_factory)
 
 
 class LoraInjectedLinear(nn.Module):

@@ -15,19 +15,9 @@ from coz_core.sr.coz_sd3 import CoZSD3Backbone
 from coz_core.sr.coz_weights import apply_vae_encoder, merge_adaln_lora
 from coz_core.sr.sd3_loading import SD3Precision, load_sd3_medium
 from coz_core.zoom import ChainConfig, run_chain
-from tests.sd3_fixtures import FP32, TinySD3, adaln_linears, shared_tiny_sd3
+from tests.sd3_fixtures import FP32, TinySD3, adaln_linears
 
 PROMPTS = ["a cat", "zoom dog"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> TinySD3:
-    return shared_tiny_sd3(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny) -> CoZSD3Backbone:
-    return CoZSD3Backbone.from_files(tiny.folder, tiny.lora_pkl, tiny.vae_pt, precision=FP32, latent_mode="mean")
 
 
 def images(batch: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:

@@ -18,13 +18,8 @@ from coz_core.sr.coz_weights import apply_vae_encoder, convert_coz_weights, merg
 from coz_core.sr.sd3_loading import detect_sd3_file, load_sd3_medium
 from coz_core.sr.base import SRRequest
 from coz_core.tiling import tile_starts, tiled_map
-from tests.sd3_fixtures import FP32, TinySD3, shared_tiny_sd3
+from tests.sd3_fixtures import FP32
 
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> TinySD3:
-    return shared_tiny_sd3(tmp_path_factory)
 
 
 def bare_transformer(tiny):

@@ -29,14 +29,9 @@ from safetensors.torch import load_file, save_file
 from coz_core.checkpoints import CheckpointError
 from coz_core.sr.coz_sd3 import CoZSD3Backbone
 from coz_core.sr.sd3_loading import FP8, SD3Precision, UpcastLinear, load_sd3_medium
-from tests.sd3_fixtures import FP32, TRANSFORMER, TinySD3, save_single_file, shared_tiny_sd3
+from tests.sd3_fixtures import FP32, TRANSFORMER, TinySD3, save_single_file
 
 BF16 = SD3Precision(transformer=torch.bfloat16, vae=torch.bfloat16, text=torch.float32, t5=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> TinySD3:
-    return shared_tiny_sd3(tmp_path_factory)
 
 
 # --- Wan2GP --------------------------------------------------------------------------------------

@@ -18,19 +18,9 @@ from coz_core.policy import AUTO_MEMORY_TIERS, SD3_SPEED_PRESETS, sd3_precision,
 from coz_core.sr.base import SRRequest
 from coz_core.sr.coz_sd3 import CoZSD3Backbone
 from coz_core.sr.sd3_loading import FP8, SD3Precision, UpcastLinear, store_linears
-from tests.sd3_fixtures import FP32, TinySD3, shared_tiny_sd3
+from tests.sd3_fixtures import FP32
 
 PROMPT = ["a cat"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> TinySD3:
-    return shared_tiny_sd3(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny) -> CoZSD3Backbone:
-    return CoZSD3Backbone.from_files(tiny.folder, tiny.lora_pkl, tiny.vae_pt, precision=FP32, latent_mode="mean")
 
 
 def _image(size: int = 32) -> torch.Tensor:

@@ -1,7 +1,6 @@
 """Whole-image upscaling: tiling exactness, seams, per-tile prompts, memory, bad input."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
