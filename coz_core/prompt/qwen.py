@@ -246,20 +246,9 @@ class QwenVL:
         return self._step(inputs, int(options["max_new_tokens"]), float(options["repetition_penalty"]),
                           int(min_new or 0), [int(e) for e in eos])
 
-    def generate(
-        self,
-        inputs: dict[str, torch.Tensor],
-        max_new_tokens: int = MAX_NEW_TOKENS,
-        sample: bool = False,
-        temperature: float = 0.7,
-        top_p: float = 0.8,
-        top_k: int = 20,
-        repetition_penalty: float | None = None,
-    ) -> tuple[str, int]:
-        """(decoded answer, number of new tokens) for inputs from :meth:`inputs`."""
-        new = self.generate_ids(inputs, max_new_tokens, sample, temperature, top_p, top_k, repetition_penalty)
-        text = self.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return text, int(new.numel())
+    def decode(self, ids: torch.Tensor) -> str:
+        """The text of new token ids from :meth:`generate_ids`, special tokens left out."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     @torch.inference_mode()
     def generate_batch(
@@ -270,7 +259,8 @@ class QwenVL:
     ) -> list[tuple[str, int]]:
         """Greedy :meth:`generate` of several chats in one batch (left-padded): [(answer, new tokens)]."""
         if len(inputs) == 1:
-            return [self.generate(inputs[0], max_new_tokens, repetition_penalty=repetition_penalty)]
+            new = self.generate_ids(inputs[0], max_new_tokens, repetition_penalty=repetition_penalty)
+            return [(self.decode(new), int(new.numel()))]
         pad = self.tokenizer.pad_token_id
         if pad is None:
             raise ValueError(f"the tokenizer of {self.folder} has no pad token; prompts cannot be batched")
@@ -297,8 +287,7 @@ class QwenVL:
         for row in output[:, length:]:
             ids = row.tolist()
             end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
-            text = self.tokenizer.decode(row[:end], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            results.append((text, min(end + 1, len(ids))))
+            results.append((self.decode(row[:end]), min(end + 1, len(ids))))
         return results
 
 
@@ -524,8 +513,9 @@ class QwenPromptSource:
 
     def _one(self, step: int, index: int, images: list[SizedImage], system: str, user_prompt: str) -> str:
         start = time.perf_counter()
-        raw, new_tokens = self.vlm.generate(
+        new = self.vlm.generate_ids(
             self.vlm.inputs(images, system), self.max_new_tokens, self.sample, self.temperature,
             self.top_p, self.top_k, self.repetition_penalty,
         )
-        return self._finish(step, index, raw, new_tokens, time.perf_counter() - start, user_prompt)
+        return self._finish(step, index, self.vlm.decode(new), int(new.numel()), time.perf_counter() - start,
+                            user_prompt)
