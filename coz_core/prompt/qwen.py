@@ -257,7 +257,7 @@ class QwenVL:
         max_new_tokens: int = MAX_NEW_TOKENS,
         repetition_penalty: float | None = None,
     ) -> list[tuple[str, int]]:
-        """Greedy :meth:`generate` of several chats in one batch (left-padded): [(answer, new tokens)]."""
+        """Greedy :meth:`generate_ids` of several chats in one batch (left-padded): [(answer, new tokens)]."""
         if len(inputs) == 1:
             new = self.generate_ids(inputs[0], max_new_tokens, repetition_penalty=repetition_penalty)
             return [(self.decode(new), int(new.numel()))]
