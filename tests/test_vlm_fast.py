@@ -145,7 +145,7 @@ def test_cuda_graph_decoding_equals_generate_and_is_captured_once(tmp_path):
     # float32 on the GPU: the captured loop (projections fused) against plain generate of the model
     # as loaded, one capture for every call, and a new capture (not stale addresses) after the weights moved
     folder = make_tiny_qwen(tmp_path / "q")
-    vlm = load_qwen_vl(folder, device="cuda")
+    vlm = replace(load_qwen_vl(folder, device="cuda"), fast_decode=False)  # plain generate (CUDA's default is fast)
     fast = replace(load_qwen_vl(folder, device="cuda"), fast_decode=True, compile_backend="eager")
     for seed, tokens in ((0, 24), (2, 40)):
         inputs = _inputs(vlm, seed)
@@ -164,7 +164,7 @@ def test_cuda_graph_decoding_equals_generate_and_is_captured_once(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the end flag read one token late on CUDA")
 def test_cuda_loop_computes_at_most_one_token_past_the_end(tmp_path, monkeypatch):
     folder = make_tiny_qwen(tmp_path / "q")
-    vlm = load_qwen_vl(folder, device="cuda")
+    vlm = replace(load_qwen_vl(folder, device="cuda"), fast_decode=False)  # plain generate (CUDA's default is fast)
     fast = replace(load_qwen_vl(folder, device="cuda"), fast_decode=True, compile_backend="eager")
     inputs = _inputs(vlm, 5)
     free = vlm.generate_ids(inputs, 20)

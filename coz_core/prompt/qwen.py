@@ -26,7 +26,7 @@ that loop does not reproduce, go through ``generate`` with the same cache and it
 compilation of the decoding step (``CompileConfig``). Every chain step reuses one graph;
 compilation and capture happen on the first call and are paid once per loaded model. Greedy
 output is token-identical to plain ``generate`` (tests compare them on CPU with the static cache
-forced, and in float32 on a GPU). On GPUs the vision tower attends in one call per layer
+forced; a CUDA test in float32). On GPUs the vision tower attends in one call per layer
 (``attention.py``), the prefill reads nothing back from the GPU and is replayed as a CUDA graph
 (``prefill.py``), the q/k/v and gate/up projections are fused (``fused.py``), and the images are
 resized there, to Pillow's exact pixels (``pillow_resize.py``), and patchified (``vision.patchify``).
