@@ -186,3 +186,16 @@ def test_cuda_loop_computes_at_most_one_token_past_the_end(tmp_path, monkeypatch
             assert first <= len(steps) <= first + 1
     finally:
         config.eos_token_id = fast.model.generation_config.eos_token_id = original
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+def test_cuda_fast_path_on_a_device_that_is_not_the_current_one(tmp_path):
+    # the captured loop's streams, events and graphs belong to the model's device, not cuda:0
+    folder = make_tiny_qwen(tmp_path / "q")
+    vlm = replace(load_qwen_vl(folder, device="cuda:1"), fast_decode=False)
+    fast = replace(load_qwen_vl(folder, device="cuda:1"), fast_decode=True, compile_backend="eager")
+    assert torch.cuda.current_device() == 0
+    for seed in (0, 1):
+        inputs = _inputs(vlm, seed)
+        assert torch.equal(fast.generate_ids(inputs, 16), vlm.generate_ids(inputs, 16))
+    assert fast._step.captures == 1 and fast._step.prefill.captures == 1

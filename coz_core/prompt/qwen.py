@@ -33,6 +33,7 @@ resized there, to Pillow's exact pixels (``pillow_resize.py``), and patchified (
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import time
@@ -220,12 +221,14 @@ class QwenVL:
         if fast:
             options.update(self._fast_options(length, int(max_new_tokens)))
         start = time.perf_counter()
-        if fast and not sample and greedy.handles(self.model.generation_config):
-            new = self._greedy(inputs, options)
-        else:
-            batch = {k: v.to(self.device) for k, v in inputs.items()}
-            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
-            new = self.model.generate(**batch, **options)[0, length:]
+        # CUDA streams, graphs and compiled kernels go to the current device: make it the model's
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            if fast and not sample and greedy.handles(self.model.generation_config):
+                new = self._greedy(inputs, options)
+            else:
+                batch = {k: v.to(self.device) for k, v in inputs.items()}
+                batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+                new = self.model.generate(**batch, **options)[0, length:]
         if fast and self.first_fast_seconds is None:
             self.first_fast_seconds = time.perf_counter() - start
         return new
