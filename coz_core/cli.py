@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import asdict, is_dataclass
 import math
 import platform
@@ -127,7 +128,7 @@ def add_chain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--color", choices=sorted(COLOR_METHODS), default="wavelet",
                    help="colour alignment after each SR step: wavelet (default), adain, bilateral "
                    "(edge-aware) or none (the reference)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no notes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +161,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def step_texts(args: argparse.Namespace) -> list[str]:
     return args.step_prompts.split("|") if args.step_prompts else []
+
+
+class _Notes(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)  # the stderr of the moment
+
+
+_NOTES = _Notes()
+
+
+def show_notes(prog: str, quiet: bool) -> None:
+    """The library's notes (``coz_core`` INFO logs: one-time compilation) on stderr as "prog: ...",
+    unless ``quiet``; one handler however often it is called."""
+    logger = logging.getLogger(__package__)
+    logger.removeHandler(_NOTES)
+    if quiet:
+        return
+    _NOTES.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
+    logger.addHandler(_NOTES)
+    logger.setLevel(logging.INFO)
 
 
 def build_prompt_source(args: argparse.Namespace, device: torch.device):
@@ -378,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    show_notes("coz-zoom", args.quiet)
     center = args.center or (SAMPLE_CENTER if not args.inputs else (0.5, 0.5))
     config = ChainConfig(mode=args.mode, steps=args.steps, zoom=args.zoom, size=args.size,
                          center=center, color=args.color, user_prompt=args.prompt, seed=args.seed)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, factory, policy
-from .cli import add_model_arguments, build_backbone, build_prompt_source, collect_inputs, step_texts
+from .cli import add_model_arguments, build_backbone, build_prompt_source, collect_inputs, show_notes, step_texts
 from .color import COLOR_METHODS
 from .imageops import ImageTooLarge, _read_array, save_image
 from .output import check_output, folder_names, write_atomically
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="colour alignment of every tile to the enlarged input (default wavelet)")
     p.add_argument("--memory-limit", type=float, default=None,
                    help="GB the image buffers may take (default: the memory available now)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no notes")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing result folders in OUT as a whole (default: refuse)")
 
@@ -93,6 +93,7 @@ def write_outputs(result: UpscaleResult, folder: Path, source: Path, extra: dict
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    show_notes("coz-upscale", args.quiet)
     limit = None if args.memory_limit is None else int(args.memory_limit * 1024**3)
     config = UpscaleConfig(factor=args.factor, tile=args.tile, overlap=args.overlap, color=args.color,
                            blend=args.blend, user_prompt=args.prompt, seed=args.seed, memory_limit=limit)

@@ -8,7 +8,7 @@ import torch
 import pytest
 from PIL import Image
 
-from coz_core.cli import main, sample_image_path
+from coz_core.cli import main, sample_image_path, show_notes
 
 
 def test_sample_run_writes_everything(tmp_path):
@@ -190,3 +190,28 @@ def test_ctrl_c_keeps_the_scales_already_made(tmp_path, monkeypatch, capsys):
     assert manifest["cancelled"] is True and len(manifest["steps"]) == 2
     assert manifest["prompt"] == {"type": "none"}
     assert (tmp_path / "sample" / "scale_1.png").is_file() and not (tmp_path / "sample" / "scale_2.png").exists()
+
+
+def test_the_library_notes_reach_stderr_unless_quiet(tmp_path, capsys):
+    # one-time compilation is announced through coz_core's log (INFO); the CLIs print it as theirs
+    import logging
+
+    import coz_core.upscale_cli as upscale_cli
+
+    note = logging.getLogger("coz_core.sr.coz_sd3")
+    try:
+        for _ in range(2):  # set up twice: still one line per note
+            assert main(["--vlm", str(tmp_path / "nowhere"), "-o", str(tmp_path / "x")]) == 2
+        capsys.readouterr()
+        note.info("compiled on first use")
+        assert capsys.readouterr().err == "coz-zoom: compiled on first use\n"
+        assert upscale_cli.main([str(tmp_path / "nowhere.png"), "-o", str(tmp_path / "y")]) == 2
+        capsys.readouterr()
+        note.info("compiled on first use")
+        assert capsys.readouterr().err == "coz-upscale: compiled on first use\n"
+        assert main(["--vlm", str(tmp_path / "nowhere"), "-o", str(tmp_path / "x"), "--quiet"]) == 2
+        capsys.readouterr()
+        note.info("compiled on first use")
+        assert capsys.readouterr().err == ""
+    finally:
+        show_notes("coz-zoom", quiet=True)  # no handler left for the other tests

@@ -6,6 +6,7 @@ capture of diffusers' and transformers' modules, without inductor's compile time
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 
@@ -64,9 +65,11 @@ def test_bf16_vae_difference_is_small(tiny, backbone):
     assert out.dtype == torch.float32 and 0 < diff.max() < 0.05 and diff.mean() < 0.01, (diff.max(), diff.mean())
 
 
-def test_compiled_backbone_gives_the_same_step(tiny, backbone):
+def test_compiled_backbone_gives_the_same_step(tiny, backbone, caplog):
     compiled = CoZSD3Backbone.from_files(tiny.folder, tiny.lora_pkl, tiny.vae_pt, precision=FP32, latent_mode="mean")
-    compiled.enable_compile(backend="eager")
+    with caplog.at_level(logging.INFO, logger="coz_core"):
+        compiled.enable_compile(backend="eager")
+    assert [r.getMessage() for r in caplog.records if "compiled on first use" in r.getMessage()]  # the wait is announced
     assert compiled.compiled and not backbone.compiled
     x = _image()
     torch.testing.assert_close(compiled(SRRequest(x, x, PROMPT)), backbone(SRRequest(x, x, PROMPT)),

@@ -7,6 +7,7 @@ default dynamic cache.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 
@@ -62,6 +63,17 @@ def test_fast_path_is_token_identical_to_plain_generate(vlm, backend):
     assert fast.first_fast_seconds is not None and fast._step is not None  # greedy.py's loop decoded
     if backend == "compiled":  # one compiled step kept for every later call
         assert fast._step != vlm.model.__call__
+
+
+def test_the_first_fast_prompt_announces_its_one_time_compilation(vlm, caplog):
+    fast = replace(vlm, fast_decode=True, compile_backend="eager", _compile_config=None, _cache=None, _step=None)
+    inputs = _inputs(vlm, 0)
+    with caplog.at_level(logging.INFO, logger="coz_core"):
+        for _ in range(3):
+            fast.generate_ids(inputs, 4)
+    notes = [r.getMessage() for r in caplog.records if r.name == "coz_core.prompt.qwen"]
+    assert len(notes) == 2, notes  # before and after the first call only
+    assert "once per loaded model" in notes[0] and f"{fast.first_fast_seconds:.1f} s" in notes[1]
 
 
 @pytest.mark.parametrize("penalty, min_new", [(1.3, None), (1.0, None), (0.8, 6), (1.05, 3)])

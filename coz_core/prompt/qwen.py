@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,7 @@ MAX_NEW_TOKENS = VLM_TOKENS
 SizedImage = np.ndarray | torch.Tensor  # uint8 [h, w, 3], sized for the VLM (vision.prepare_batches)
 CACHE_BUCKET = 256  # static KV cache lengths are rounded up to this (one compiled graph for all steps)
 IMAGE_TOKEN = "<|image_pad|>"
+log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -220,6 +222,10 @@ class QwenVL:
         length = int(inputs["input_ids"].shape[1])
         if fast:
             options.update(self._fast_options(length, int(max_new_tokens)))
+        first = fast and self.first_fast_seconds is None and self.compile_backend is not None
+        if first:
+            log.info("Qwen2.5-VL on %s: the first prompt also compiles and captures the fast decoding, once "
+                     "per loaded model (25 to 50 s on an H200)", self.device)
         start = time.perf_counter()
         # CUDA streams, graphs and compiled kernels go to the current device: make it the model's
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
@@ -231,6 +237,8 @@ class QwenVL:
                 new = self.model.generate(**batch, **options)[0, length:]
         if fast and self.first_fast_seconds is None:
             self.first_fast_seconds = time.perf_counter() - start
+        if first:
+            log.info("Qwen2.5-VL: fast decoding ready; the first prompt took %.1f s", self.first_fast_seconds)
         return new
 
     def _greedy(self, inputs: dict[str, torch.Tensor], options: dict[str, Any]) -> torch.Tensor:

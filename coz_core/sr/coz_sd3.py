@@ -16,6 +16,7 @@ smoothly blended tiles.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from .sd3_text import SD3Conditioning, SD3TextEncoder
 
 TIMESTEP = 1000.0  # FlowMatchEuler (shift 3) with one step: sigma 1, t = 1000
 LATENT_MODES = ("sample", "mean")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -178,6 +180,8 @@ class CoZSD3Backbone:
             self.vae.encoder.compile(**{**options, "dynamic": None})
             self.vae.decoder.compile(**{**options, "dynamic": None})
         self.compiled = True
+        log.info("SD3: compiled on first use: the first step at each image size takes about 30 s more, "
+                 "once per loaded model")
         return self
 
     def modules(self) -> list[torch.nn.Module]:
