@@ -8,6 +8,7 @@ its model management move them; the CLI loads straight onto the compute device).
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +19,7 @@ from .prompt.base import FixedPrompts, PromptSource
 from .sr.base import SRBackbone
 
 TEXT_ENCODERS = ("clip_l", "clip_g", "t5")
+log = logging.getLogger(__name__)
 
 # Upstream's prompt types (inference_coz.py --prompt_type; its DAPE tagger is not carried over):
 # vlm = Qwen2.5-VL + CoZ's GRPO adapter (ckpt/VLM_LoRA/checkpoint-10000), vlm_base = plain
@@ -102,6 +104,8 @@ def sd3_backbone(
     if unknown:
         raise ValueError(f"unknown text encoders {sorted(unknown)}; choose from {TEXT_ENCODERS}")
     setup = policy.sd3_setup(precision, device)
+    if setup.not_compiled:
+        log.info("SD3 %s: %s; it runs uncompiled, slower", precision, setup.not_compiled)
     return CoZSD3Backbone.from_files(
         sd3, coz_lora, coz_vae, clip_l=clip_l, clip_g=clip_g, t5=t5 if "t5" in text_encoders else None,
         text_encoders=tuple(text_encoders), tokenizers=tokenizers, precision=setup.precision,

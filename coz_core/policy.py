@@ -6,6 +6,7 @@ host adapter (nodes/host.py) only supplies the device ComfyUI picked.
 - ``auto`` precision: bfloat16 on CUDA GPUs that support it (float16 on older ones), float16 on
   Apple's MPS, bfloat16 on CPUs with native bf16 (2.5x to 5x faster than float32 there and
   visually identical), else float32.
+- Compilation: only where torch.compile can generate the device's code (Triton on CUDA).
 - SD3 presets name one dtype per component (transformer, VAE, CLIP-L/G, T5).
 - Tiles: one default size and overlap for every tiled model run.
 """
@@ -117,6 +118,32 @@ def warn_slow_precision(dtype: torch.dtype, device: torch.device) -> str | None:
     return None
 
 
+# --- compilation -------------------------------------------------------------------------
+
+def compiles(device: torch.device, fp8: bool = False) -> bool:
+    """Whether torch.compile's default backend (inductor) can generate code for ``device``: CUDA
+    only here, with Triton (PyTorch bundles it on Linux, not on Windows: ``triton-windows``) and
+    compute capability 7.0 or newer; with ``fp8`` (float8 e4m3 weights upcast inside the compiled
+    code) 8.9 or newer: Triton has no e4m3 before Ada ("fp8e4nv not supported in this architecture")."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    from torch.utils._triton import has_triton
+
+    return has_triton() and (not fp8 or torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+NOT_COMPILED = ("torch.compile cannot generate code for this GPU (no Triton: on Windows `pip install "
+                "triton-windows`; or compute capability below 7.0)")
+
+
+def compile_backend(backend: str | None, device: torch.device) -> str | None:
+    """``backend``, except "inductor" on a GPU it cannot compile for (:func:`compiles`): "eager",
+    dynamo's capture without code generation (the VLM's CUDA graphs still apply, not its fused kernels)."""
+    if backend == "inductor" and device.type == "cuda" and not compiles(device):
+        return "eager"
+    return backend
+
+
 # --- SD3 presets ---------------------------------------------------------------------------
 
 SD3_PRECISIONS = (*PRECISIONS, "reference")
@@ -166,8 +193,8 @@ def sd3_precision(preset: str, device: torch.device) -> SD3Precision:
 # Additive to the precision presets above; benchmarks/bench_gpu.py measures each with full-size
 # models beside Qwen2.5-VL-3B in bf16 (targets: compact within 16 GiB, lowvram within 10 GiB).
 # - ``fast``: bf16 VAE (its difference from fp32 is measured in the bench and the tests),
-#   torch.compile of the transformer and text encoders (regional) and of the VAE (CUDA only; once
-#   per model).
+#   torch.compile of the transformer and text encoders (regional) and of the VAE (CUDA only, where
+#   Triton can compile: :func:`compiles`; once per model).
 # - ``compact``: ``fast`` with the linear weights of the transformer and of CLIP-L/G stored in
 #   float8 (per-row scaled, upcast per layer) and T5 in float8: every model resident within 16 GiB.
 # - ``lowvram``: ``compact`` without compilation, and the VLM and SD3 take turns on the GPU
@@ -190,9 +217,10 @@ class SD3Setup:
     precision: SD3Precision
     transformer_fp8: bool = False  # linear weights in float8 e4m3 with per-row scales
     text_fp8: bool = False  # CLIP-L/G linear weights likewise (T5: precision.t5_fp8)
-    compile: bool = False  # CoZSD3Backbone.enable_compile (CUDA only)
+    compile: bool = False  # CoZSD3Backbone.enable_compile (CUDA GPUs torch.compile can compile for)
     take_turns: bool = False  # the VLM leaves the GPU while SD3 runs, and SD3 while the VLM runs
     chosen: str = ""  # what ``auto`` chose for this card's memory ("" when not auto on a GPU)
+    not_compiled: str = ""  # why a preset that compiles does not on this device ("" otherwise)
 
 
 def device_memory_gib(device: torch.device) -> float | None:
@@ -222,12 +250,13 @@ def sd3_setup(preset: str, device: torch.device, memory_gib: float | None = None
     precision = sd3_precision("auto", device)
     if precision.transformer != torch.float32:
         precision = replace(precision, vae=precision.transformer)
-    cuda = device.type == "cuda"
+    compile = compiles(device)
+    why = "" if compile or device.type != "cuda" else NOT_COMPILED
     if preset == "fast":
-        return SD3Setup(precision, compile=cuda)
+        return SD3Setup(precision, compile=compile, not_compiled=why)
     compact = replace(precision, t5_fp8=True)
-    if preset == "compact":
-        return SD3Setup(compact, transformer_fp8=True, text_fp8=True, compile=cuda)
+    if preset == "compact":  # the float8 models stay uncompiled before Ada (CoZSD3Backbone.enable_compile)
+        return SD3Setup(compact, transformer_fp8=True, text_fp8=True, compile=compile, not_compiled=why)
     return SD3Setup(compact, transformer_fp8=True, text_fp8=True, take_turns=True)
 
 

@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
+from coz_core import policy
 from coz_core.policy import AUTO_MEMORY_TIERS, SD3_SPEED_PRESETS, sd3_precision, sd3_setup
 from coz_core.sr.base import SRRequest
 from coz_core.sr.coz_sd3 import CoZSD3Backbone
@@ -87,20 +88,59 @@ def test_transformer_fp8_is_scaled_and_runs_close(tiny, backbone):
     assert diff < 0.02, diff
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_speed_presets(device, monkeypatch):
+@pytest.mark.parametrize("device, triton", [("cpu", True), ("cuda", True), ("cuda", False)])
+def test_speed_presets(device, triton, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # no GPU here
+    monkeypatch.setattr(policy, "compiles", lambda d, fp8=False: d.type == "cuda" and triton)
     dev = torch.device(device)
     auto = sd3_setup("auto", dev)
     assert not auto.compile and not auto.transformer_fp8 and auto.precision.vae == torch.float32
     for preset in SD3_SPEED_PRESETS:
         setup = sd3_setup(preset, dev)
         assert setup.precision.transformer == auto.precision.transformer
-        assert setup.compile == (device == "cuda" and preset != "lowvram")
+        assert setup.compile == (device == "cuda" and triton and preset != "lowvram")
+        assert bool(setup.not_compiled) == (device == "cuda" and not triton and preset != "lowvram")  # said why
         assert setup.transformer_fp8 == (preset != "fast") and setup.take_turns == (preset == "lowvram")
         assert setup.text_fp8 == setup.transformer_fp8 and setup.precision.t5_fp8 == (preset != "fast" or None)
     if device == "cuda":
         assert sd3_setup("fast", dev).precision.vae == torch.bfloat16
+
+
+def test_compiling_needs_triton_and_for_float8_an_ada_gpu(monkeypatch):
+    import torch.utils._triton as triton_check
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert not policy.compiles(cpu) and policy.compile_backend("inductor", cpu) == "inductor"  # CPU callers choose
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no GPU here
+    # (Triton usable, compute capability) -> (compiles, compiles float8 upcasts); e.g. Windows without
+    # triton-windows, an RTX 3090, an RTX 4090, an H100
+    for triton, capability, plain, fp8 in [(False, (9, 0), False, False), (True, (8, 6), True, False),
+                                           (True, (8, 9), True, True), (True, (9, 0), True, True)]:
+        monkeypatch.setattr(triton_check, "has_triton", lambda: triton)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert (policy.compiles(cuda), policy.compiles(cuda, fp8=True)) == (plain, fp8)
+        assert policy.compile_backend("inductor", cuda) == ("inductor" if plain else "eager")
+        assert policy.compile_backend("eager", cuda) == "eager" and policy.compile_backend(None, cuda) is None
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")  # torch's own inductor imports
+def test_float8_models_stay_uncompiled_where_inductor_cannot_compile_them(tiny, monkeypatch, caplog):
+    fp8 = CoZSD3Backbone.from_files(tiny.folder, tiny.lora_pkl, tiny.vae_pt, precision=FP32, latent_mode="mean",
+                                    transformer_fp8=True)
+    monkeypatch.setattr(CoZSD3Backbone, "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(policy, "compiles", lambda device, fp8=False: not fp8)  # e.g. an RTX 3090
+    with caplog.at_level(logging.INFO, logger="coz_core"):
+        fp8.enable_compile()  # inductor, compiled lazily: nothing runs here
+
+    def compiled(model):
+        return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+    assert not compiled(fp8.transformer) and compiled(fp8.vae.decoder) and compiled(fp8.text_encoder.models["clip_l"])
+    assert "SD3Transformer2DModel not compiled" in caplog.text
+    monkeypatch.setattr(policy, "compiles", lambda device, fp8=False: True)  # e.g. an RTX 4090
+    again = CoZSD3Backbone.from_files(tiny.folder, tiny.lora_pkl, tiny.vae_pt, precision=FP32, latent_mode="mean",
+                                      transformer_fp8=True)
+    assert compiled(again.enable_compile().transformer)
 
 
 def test_auto_on_a_gpu_fits_every_model_into_the_card(monkeypatch):
@@ -174,3 +214,15 @@ def test_text_fp8_stores_clip_linears_scaled_and_encodes_close(tiny, backbone):
     for a, b in ((ours.prompt_embeds, ref.prompt_embeds), (ours.pooled, ref.pooled)):
         rel = (a - b).norm() / b.norm()
         assert 0 < rel < 0.08, rel  # changed, by about e4m3's precision
+
+
+def test_a_preset_that_cannot_compile_here_says_so(tiny, monkeypatch, caplog):
+    from coz_core import factory
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # no GPU here
+    monkeypatch.setattr(policy, "compiles", lambda device, fp8=False: False)  # e.g. Windows without triton-windows
+    with caplog.at_level(logging.INFO, logger="coz_core"):
+        backbone = factory.sd3_backbone(tiny.folder, tiny.lora_pkl, tiny.vae_pt, torch.device("cuda"), "fast",
+                                        latent_mode="mean", load_device=torch.device("cpu"))
+    assert not backbone.compiled
+    assert "SD3 fast: torch.compile cannot generate code for this GPU" in caplog.text and "triton-windows" in caplog.text

@@ -76,6 +76,17 @@ def test_the_first_fast_prompt_announces_its_one_time_compilation(vlm, caplog):
     assert "once per loaded model" in notes[0] and f"{fast.first_fast_seconds:.1f} s" in notes[1]
 
 
+def test_without_triton_the_gpu_path_captures_without_inductor(vlm, monkeypatch):
+    from coz_core import policy
+    from coz_core.prompt.qwen import QwenVL
+
+    monkeypatch.setattr(QwenVL, "device", property(lambda self: torch.device("cuda")))  # no GPU here
+    monkeypatch.setattr(policy, "compiles", lambda device, fp8=False: False)  # e.g. Windows without triton-windows
+    assert vlm.compile_backend == "inductor" and vlm.backend == "eager"
+    monkeypatch.setattr(policy, "compiles", lambda device, fp8=False: True)
+    assert vlm.backend == "inductor"
+
+
 @pytest.mark.parametrize("penalty, min_new", [(1.3, None), (1.0, None), (0.8, 6), (1.05, 3)])
 def test_fast_greedy_loop_matches_generate_with_penalty_min_tokens_and_end_tokens(vlm, penalty, min_new):
     # the fast path's own greedy loop (greedy.py) against generate: repetition penalty, min_new_tokens,

@@ -45,7 +45,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..policy import VLM_TOKENS
+from ..policy import NOT_COMPILED, VLM_TOKENS, compile_backend
 from . import greedy, prefill
 from .adapter import AdapterMerge, check_adapter_folder, merge_lora
 from .attention import use_fast_vision_attention
@@ -94,7 +94,7 @@ class QwenVL:
     # static KV cache + compiled decoding; None: policy.vlm_fast_decode (on for CUDA, off elsewhere)
     fast_decode: bool | None = None
     # torch.compile backend of the fast path ("eager": the capture without code generation, for
-    # tests on CPU; None: the static cache alone, not compiled)
+    # tests on CPU and GPUs inductor cannot compile for; None: the static cache alone, not compiled)
     compile_backend: str | None = "inductor"
     fuse: bool = True  # the fast GPU path fuses q/k/v and gate/up (fused.py); False: as loaded (benchmarks)
     first_fast_seconds: float | None = None  # the first fast call (compilation/capture included)
@@ -134,14 +134,21 @@ class QwenVL:
         name = "cache" if "cache" in inspect.signature(self.model.prepare_inputs_for_generation).parameters \
             else "past_key_values"  # renamed in transformers 5.x
         options: dict[str, Any] = {name: cache}
-        if self.compile_backend is None:
+        backend = self.backend
+        if backend is None:
             return {**options, "disable_compile": True}
         if self._compile_config is None:
-            self._compile_config = CompileConfig(fullgraph=True, dynamic=False, backend=self.compile_backend,
-                                                 mode="reduce-overhead" if self.compile_backend == "inductor" else None)
+            self._compile_config = CompileConfig(fullgraph=True, dynamic=False, backend=backend,
+                                                 mode="reduce-overhead" if backend == "inductor" else None)
             # compile on whatever device the model is on (transformers compiles on CUDA by default)
             self._compile_config._compile_all_devices = True
         return {**options, "compile_config": self._compile_config}
+
+    @property
+    def backend(self) -> str | None:
+        """The torch.compile backend the fast path uses here: ``compile_backend``, or "eager" for
+        "inductor" on a GPU it cannot compile for (no Triton: :func:`coz_core.policy.compile_backend`)."""
+        return compile_backend(self.compile_backend, self.device)
 
     @property
     def device(self) -> torch.device:
@@ -226,6 +233,9 @@ class QwenVL:
         if first:
             log.info("Qwen2.5-VL on %s: the first prompt also compiles and captures the fast decoding, once "
                      "per loaded model (25 to 50 s on an H200)", self.device)
+            if self.backend != self.compile_backend:
+                log.info("Qwen2.5-VL: %s: its decoding is captured without %s's kernels, slower",
+                         NOT_COMPILED, self.compile_backend)
         start = time.perf_counter()
         # CUDA streams, graphs and compiled kernels go to the current device: make it the model's
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
@@ -245,11 +255,11 @@ class QwenVL:
         """Greedy decoding of the fast path by a :class:`greedy.GreedyDecoder` of this model's static cache."""
         cache = options.get("cache", options.get("past_key_values"))
         if self._step is None or self._step.cache is not cache:
-            capture = self.device.type == "cuda" and self.compile_backend is not None
+            capture = self.device.type == "cuda" and self.backend is not None
             if capture and self.fuse:
                 fuse_projections(self.model)  # before the step is compiled
             forward = self._step.forward if self._step is not None else \
-                greedy.compile_step(self.model, self.compile_backend, graphs_by_caller=capture)
+                greedy.compile_step(self.model, self.backend, graphs_by_caller=capture)
             self._step = greedy.GreedyDecoder(self.model, cache, self._cache[2], forward, capture=capture)
         config = self.model.generation_config
         eos = [] if config.eos_token_id is None else list(np.atleast_1d(config.eos_token_id))

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import policy
 from ..tiling import tiled_map
 from .base import SRRequest
 from .coz_weights import (
@@ -169,13 +170,21 @@ class CoZSD3Backbone:
         models = [self.transformer] if transformer else []
         if text and self.text_encoder is not None:
             models += [m for m in self.text_encoder.models.values() if m is not None]
+        # inductor's float8 upcasts need an Ada or newer GPU: before that, float8 models run as they are
+        fp8_ok = backend != "inductor" or self.device.type != "cuda" or policy.compiles(self.device, fp8=True)
+        uncompiled = [] if fp8_ok else [m for m in models if any(t.dtype == FP8 for t in m.buffers())]
         for model in models:
+            if model in uncompiled:
+                continue
             blocks = set(getattr(model, "_repeated_blocks", None) or getattr(model, "_no_split_modules", None) or ())
             found = [m for m in model.modules() if type(m).__name__ in blocks]
             if not found:
                 raise ValueError(f"{type(model).__name__} names no repeated blocks to compile ({sorted(blocks)})")
             for module in found:
                 module.compile(**options)
+        if uncompiled:
+            log.info("SD3: %s not compiled: their float8 weights cannot be compiled before Ada GPUs (compute "
+                     "capability 8.9)", ", ".join(type(m).__name__ for m in uncompiled))
         if vae:  # dynamic=None: static for the first size, shape-generic from the second on
             self.vae.encoder.compile(**{**options, "dynamic": None})
             self.vae.decoder.compile(**{**options, "dynamic": None})
