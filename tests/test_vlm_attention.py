@@ -63,8 +63,19 @@ def test_block_diagonal_attention_is_attention_within_each_window():
     assert (whole - expected).abs().max() > 0.1
 
 
+def test_flash_attention_is_left_to_ampere_and_newer(monkeypatch):
+    # PyTorch's flash kernels refuse older GPUs ("FlashAttention only supports Ampere GPUs or newer")
+    for capability, flash in (((6, 1), False), ((7, 5), False), ((8, 0), True), ((8, 6), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert attention.flash_runs_on(torch.device("cuda")) == flash
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-call paths run on CUDA")
-def test_cuda_one_call_attention_matches_windows():
+@pytest.mark.parametrize("flash", [True, False])
+def test_cuda_one_call_attention_matches_windows(flash, monkeypatch):
+    if flash and not attention.flash_runs_on(torch.device("cuda")):
+        pytest.skip("flash attention needs an Ampere or newer GPU")
+    monkeypatch.setattr(attention, "flash_runs_on", lambda device: flash)  # False: as on a Turing GPU
     q, k, v, spans, expected = _windows(2, "cuda", torch.bfloat16)
     out, _ = attention.vision_attention(None, q, k, v, scaling=16**-0.5, cu_seq_lens_q=spans,
                                         max_length_q=int((spans[1:] - spans[:-1]).max()))

@@ -8,7 +8,7 @@ boundaries (``cu_seqlens``) to one variable-length call instead, but need the fl
 package. :func:`use_fast_vision_attention` registers :func:`vision_attention` under a name the
 vision tower treats as flash attention, so it receives the boundaries, and sets it for the vision
 tower only (the language model keeps its own setting):
-- on CUDA: in float16/bfloat16 PyTorch's own variable-length flash attention
+- on CUDA: in float16/bfloat16 on Ampere or newer PyTorch's own variable-length flash attention
   (``torch.nn.attention.varlen.varlen_attn``, torch 2.10+), else one SDPA call with a
   block-diagonal mask (the same attention: every token sees its own window only); neither reads
   a device value on the host, so the prefill can be captured as a CUDA graph (``prefill.py``);
@@ -44,7 +44,7 @@ def vision_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     head_dim = query.shape[-1]
     default_scale = scaling is None or abs(scaling - head_dim**-0.5) < 1e-12
     if query.is_cuda:
-        if (query.dtype in (torch.float16, torch.bfloat16) and varlen_attn is not None
+        if (query.dtype in (torch.float16, torch.bfloat16) and varlen_attn is not None and flash_runs_on(query.device)
                 and (default_scale or VARLEN_TAKES_SCALE) and max_length_q is not None):
             q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, D]
             spans = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
@@ -58,6 +58,12 @@ def vision_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     outs = [sdpa_attention_forward(module, q, k, v, attention_mask=None, scaling=scaling, dropout=dropout,
                                    is_causal=False)[0] for q, k, v in pieces]
     return torch.cat(outs, dim=1), None
+
+
+def flash_runs_on(device: torch.device) -> bool:
+    """Whether PyTorch's flash attention (``varlen_attn``) runs on this CUDA device: Ampere (compute
+    capability 8.0) or newer; older GPUs (Turing, Pascal) take :func:`block_diagonal_attention`."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def block_diagonal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
