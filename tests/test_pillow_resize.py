@@ -44,12 +44,12 @@ def test_the_order_of_the_passes_matters_and_is_pillows():
     # the passes round to 8 bits in between: the other order gives other pixels
     array = pictures(1000, 300, seed=1)[0]
     before, after = (1000, 300), (336, 112)
-    x = torch.from_numpy(array)[None].permute(0, 3, 1, 2).double()
+    x = torch.from_numpy(array)[None].permute(0, 3, 1, 2).long()
     passes = [(-1, 300, 112), (-2, 1000, 336)]
     if not pillow_resize.vertical_first(before, after):
         passes.reverse()
     for axis, n, m in passes:  # the order Pillow does not take
-        x = pillow_resize._pass(x, pillow_resize._matrix(n, m, torch.device("cpu")), axis)
+        x = pillow_resize._pass(x, pillow_resize._taps(n, m, torch.device("cpu")), axis)
     other = x.to(torch.uint8).permute(0, 2, 3, 1)[0].numpy()
     assert (other != pillow(array, after)).sum() > 1000
 
@@ -64,6 +64,12 @@ def test_weights_are_pillows_fixed_point_windows():
     assert (w < 0).any()  # bicubic's negative lobes
     up = pillow_resize.weights(7, 28)
     assert (up != 0).sum(axis=1).max() == 4  # enlarging: the plain 4-tap kernel
+    # the pass applies each row's nonzero weights, padded with zeros to the longest window
+    columns, values = pillow_resize._taps(512, 504, torch.device("cpu"))
+    assert columns.shape == values.shape == (5, 504)
+    dense = np.zeros((504, 512), dtype=np.int64)
+    np.add.at(dense, (np.arange(504)[None].repeat(5, 0), columns.numpy()), values.numpy())
+    np.testing.assert_array_equal(dense, w)
 
 
 def test_kept_size_is_returned_as_it_is_and_bad_input_is_refused():

@@ -159,7 +159,7 @@ def prepare_together(
 
 
 # above this many pixels (2048 x 2048) an image is resized by Pillow on the CPU even for a GPU:
-# its float64 copies and resize matrices there would take hundreds of MiB
+# its int64 copies there would take hundreds of MiB
 DEVICE_RESIZE_PIXELS = 1 << 22
 
 
