@@ -248,8 +248,8 @@ def sd3_setup(preset: str, device: torch.device, memory_gib: float | None = None
     if preset not in SD3_SPEED_PRESETS:
         return SD3Setup(sd3_precision(preset, device))
     precision = sd3_precision("auto", device)
-    if precision.transformer != torch.float32:
-        precision = replace(precision, vae=precision.transformer)
+    if precision.transformer == torch.bfloat16:  # never fp16: as ComfyUI, which runs this VAE in bf16 or fp32 only
+        precision = replace(precision, vae=torch.bfloat16)
     compile = compiles(device)
     why = "" if compile or device.type != "cuda" else NOT_COMPILED
     if preset == "fast":

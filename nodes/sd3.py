@@ -80,7 +80,7 @@ class LoadCoZSD3:
                                                          "compact, under 15 GiB lowvram (the console says which). "
                                                          "fp32 / bf16 / fp16: every part in that "
                                                          "dtype (T5 never in fp16: it overflows). reference: upstream's "
-                                                         "arithmetic bit for bit (slower). fast: bf16 VAE, compiled on "
+                                                         "arithmetic bit for bit (slower). fast: bf16 VAE (fp32 without bf16), compiled on "
                                                          "CUDA where Triton is installed (on Windows: triton-windows). compact: fast with fp8 transformer, CLIPs and T5 (every "
                                                          "model within 16 GiB with the VLM). lowvram: compact, "
                                                          "not compiled; ComfyUI moves the VLM and SD3 in turn."}),

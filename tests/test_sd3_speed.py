@@ -104,6 +104,9 @@ def test_speed_presets(device, triton, monkeypatch):
         assert setup.text_fp8 == setup.transformer_fp8 and setup.precision.t5_fp8 == (preset != "fast" or None)
     if device == "cuda":
         assert sd3_setup("fast", dev).precision.vae == torch.bfloat16
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a Turing GPU: fp16
+        old = sd3_setup("fast", dev)
+        assert old.precision.transformer == torch.float16 and old.precision.vae == torch.float32
 
 
 def test_compiling_needs_triton_and_for_float8_an_ada_gpu(monkeypatch):
