@@ -173,7 +173,13 @@ def sd3_precision(preset: str, device: torch.device) -> SD3Precision:
     stays bfloat16 unless fp32 (float16 overflows in T5-XXL). ``reference``: upstream's own
     precision, bit for bit: transformer and VAE in float32 with CoZ's LoRA unmerged and its
     modulations rounded to float16, CLIPs and T5 in float16 (T5's ``wo`` kept in float32, as
-    transformers keeps it); slower, for checking results against the reference code."""
+    transformers keeps it); slower, for checking results against the reference code. Apple's GPUs
+    (MPS) hold no float8: there T5 files stored in float8 are upcast as they load."""
+    precision = _sd3_dtypes(preset, device)
+    return replace(precision, t5_fp8=False) if device.type == "mps" else precision
+
+
+def _sd3_dtypes(preset: str, device: torch.device) -> SD3Precision:
     if preset == "reference":
         return SD3Precision(transformer=torch.float32, vae=torch.float32, text=torch.float16, t5=torch.float16,
                             adaln_lora="reference")
@@ -247,6 +253,9 @@ def sd3_setup(preset: str, device: torch.device, memory_gib: float | None = None
             return replace(sd3_setup(tier, device), chosen=f"{tier} ({memory:.0f} GiB GPU)")
     if preset not in SD3_SPEED_PRESETS:
         return SD3Setup(sd3_precision(preset, device))
+    if preset != "fast" and device.type == "mps":
+        raise ValueError(f"the {preset} preset stores weights in float8, which Apple's GPUs (MPS) cannot hold; "
+                         "choose auto or fast")
     precision = sd3_precision("auto", device)
     if precision.transformer == torch.bfloat16:  # never fp16: as ComfyUI, which runs this VAE in bf16 or fp32 only
         precision = replace(precision, vae=torch.bfloat16)

@@ -224,17 +224,19 @@ class ZoomVideo:
 
     def _mask(self, view: Box, inner: Box, weight: float, device: torch.device) -> torch.Tensor:
         """[h, w] weight of the next scale: ``weight`` inside ``inner``, feathered at its edge over
-        a band that narrows to nothing as the blend completes, 0 outside (pixel centres)."""
+        a band that narrows to nothing as the blend completes, 0 outside (pixel centres). The
+        coordinates need float64 at deep zooms, which Apple's GPUs lack: computed on the CPU there."""
         width, height = self.size
         px, py = width / view.width, height / view.height  # frame pixels per original pixel
-        x = view.left + (torch.arange(width, device=device, dtype=torch.float64) + 0.5) / px
-        y = view.top + (torch.arange(height, device=device, dtype=torch.float64) + 0.5) / py
+        where = torch.device("cpu") if device.type == "mps" else device
+        x = view.left + (torch.arange(width, device=where, dtype=torch.float64) + 0.5) / px
+        y = view.top + (torch.arange(height, device=where, dtype=torch.float64) + 0.5) / py
         dx = torch.minimum(x - inner.left, inner.right - x) * px  # distance to the box's edge, frame px
         dy = torch.minimum(y - inner.top, inner.bottom - y) * py
         d = torch.minimum(dy[:, None], dx[None, :])
         band = self.config.feather * (1.0 - weight) * min(inner.width * px, inner.height * py) / 2.0
         inside = smoothstep(d / band) if band > 0 else (d > 0).to(d.dtype)
-        return (weight * inside).float()
+        return (weight * inside).float().to(device)
 
     def pass_frame(self, i: int) -> torch.Tensor:
         """Frame ``i`` of the zoom-in pass, [B, 3, h, w]."""

@@ -109,6 +109,17 @@ def test_speed_presets(device, triton, monkeypatch):
         assert old.precision.transformer == torch.float16 and old.precision.vae == torch.float32
 
 
+def test_apple_gpus_get_no_float8():
+    mps = torch.device("mps")
+    assert all(sd3_precision(preset, mps).t5_fp8 is False for preset in ("auto", "reference", "fp16", "bf16", "fp32"))
+    assert sd3_precision("auto", torch.device("cpu")).t5_fp8 is None  # elsewhere: as the file stores T5
+    fast = sd3_setup("fast", mps)
+    assert not fast.transformer_fp8 and fast.precision.t5_fp8 is False and not fast.compile and not fast.not_compiled
+    for preset in ("compact", "lowvram"):
+        with pytest.raises(ValueError, match="float8.*MPS.*auto or fast"):
+            sd3_setup(preset, mps)
+
+
 def test_compiling_needs_triton_and_for_float8_an_ada_gpu(monkeypatch):
     import torch.utils._triton as triton_check
 

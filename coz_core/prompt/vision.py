@@ -86,7 +86,10 @@ def pixel_limits(folder: str | Path) -> tuple[int, int]:
 def quantise(images: torch.Tensor) -> torch.Tensor:
     """Images [B, 3, H, W] (float 0..1) as uint8 [B, H, W, 3] on their device: ``floor(x * 255 + 0.5)``
     in float64 (round half up, as :func:`coz_core.imageops.save_image`; the reference truncates its
-    SR output when it saves it, a difference of at most one level)."""
+    SR output when it saves it, a difference of at most one level). Apple's GPUs have no float64:
+    there the images are quantised on the CPU."""
+    if images.device.type == "mps":
+        images = images.cpu()
     levels = images.detach().double().clamp(0, 1).mul(255.0).add(0.5).floor().to(torch.uint8)
     return levels.permute(0, 2, 3, 1).contiguous()
 
