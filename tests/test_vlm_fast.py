@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -85,6 +86,34 @@ def test_without_triton_the_gpu_path_captures_without_inductor(vlm, monkeypatch)
     assert vlm.compile_backend == "inductor" and vlm.backend == "eager"
     monkeypatch.setattr(policy, "compiles", lambda device, fp8=False: True)
     assert vlm.backend == "inductor"
+
+
+@torch.inference_mode()
+def test_a_decoding_step_that_cannot_be_captured_runs_uncaptured(vlm, monkeypatch):
+    # the fallback's logic on CPU: a capture that fails (as a CUDA one can, e.g. on an operation a
+    # stream may not record) warns once and the loop goes on uncaptured, with the same tokens
+    from transformers import StaticCache
+
+    from coz_core.prompt import greedy
+
+    def failing_capture(self):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(greedy.GreedyDecoder, "WARMUP", 0)  # straight to the capture (no side stream here)
+    monkeypatch.setattr(greedy.GreedyDecoder, "_capture", failing_capture)
+    model, inputs = vlm.model, _inputs(vlm, 0)
+    expected = greedy.GreedyDecoder(model, StaticCache(config=model.config, max_cache_len=256), 256,
+                                    model.__call__)(inputs, 12, min_new_tokens=12)
+    decoder = greedy.GreedyDecoder(model, StaticCache(config=model.config, max_cache_len=256), 256,
+                                   model.__call__, capture=True)
+    decoder.prefill = None  # the prefill's own fallback is tested in test_vlm_prefill
+    with pytest.warns(UserWarning, match="could not be captured"):
+        first = decoder(inputs, 12, min_new_tokens=12)
+    assert torch.equal(first, expected) and not decoder.capture and decoder.graph is None
+    decoder.cache.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert torch.equal(decoder(inputs, 12, min_new_tokens=12), expected)
 
 
 @pytest.mark.parametrize("penalty, min_new", [(1.3, None), (1.0, None), (0.8, 6), (1.05, 3)])

@@ -30,6 +30,7 @@ per prompt shape too. Sampling is not handled here (generate does it).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -65,7 +66,8 @@ class GreedyDecoder:
 
     ``length``: the cache's length (no call decodes more); ``forward``: from :func:`compile_step`.
     ``capture`` (CUDA): the per-token step runs for real ``WARMUP`` times on a side stream (the
-    first compiles the forward), is then captured as a CUDA graph and replayed from there on. The graph holds the addresses of the cache, the buffers and
+    first compiles the forward), is then captured as a CUDA graph and replayed from there on (a
+    step that cannot be captured warns and runs uncaptured). The graph holds the addresses of the cache, the buffers and
     the weights: moved weights get a new capture (checked once per call), a new cache a new decoder.
     The repetition penalty is a constant of the graph (as generate's processor takes it); another
     penalty gets a new capture."""
@@ -130,12 +132,21 @@ class GreedyDecoder:
             main.wait_stream(side)
             self.warm += 1
         else:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            try:
+                self._capture()
+            except RuntimeError as exc:  # nothing ran: a capture records kernels, it does not run them
+                self.capture = False
+                warnings.warn(f"the VLM decoding step could not be captured as a CUDA graph ({exc}); it runs "
+                              "uncaptured from now on, slower")
                 self._advance()
-            self.graph = graph
-            self.captures += 1
-            graph.replay()
+
+    def _capture(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._advance()
+        self.graph = graph
+        self.captures += 1
+        graph.replay()
 
     def _ended(self, produced: int) -> bool:
         """Whether an end token is among the first ``produced`` tokens; on CUDA, among the first
