@@ -131,6 +131,24 @@ def test_remembered_token_ids_follow_the_text_and_the_image_sizes(vlm):
     assert len(vlm._ids) == len(cases)
 
 
+def test_a_model_that_overflows_to_nan_is_refused_not_read(vlm):
+    # float16 overflows Qwen2.5-VL's activations on some inputs; NaN logits then decode to token 0 ("!")
+    # at every step, which must not reach SD3 as a prompt
+    import copy
+    from dataclasses import replace
+
+    broken = replace(vlm, model=copy.deepcopy(vlm.model))
+    with torch.no_grad():
+        broken.model.model.language_model.norm.weight.fill_(float("nan"))
+    inputs = broken.inputs([reference_pixels(_images(1, 56, 0)[0], (56, 56))], SINGLE_SYSTEM)
+    fast = replace(broken, fast_decode=True, compile_backend=None, _compile_config=None, _cache=None, _step=None)
+    for generate in (lambda: broken.generate_ids(inputs, 8), lambda: fast.generate_ids(inputs, 8),
+                     lambda: broken.generate_batch([inputs, inputs], 8)):
+        with pytest.raises(RuntimeError, match="only token 0.*overflowed to NaN. Load it in bf16"):
+            generate()
+    assert vlm.generate_ids(inputs, 8).any()  # the model as loaded answers
+
+
 def test_greedy_is_deterministic_and_sampling_follows_the_seed(vlm):
     request = PromptRequest(_images(2, 56, 2), _images(2, 56, 3), step=2)
     greedy = QwenPromptSource(vlm, max_new_tokens=12, clean=False)

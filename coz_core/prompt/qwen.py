@@ -249,7 +249,19 @@ class QwenVL:
             self.first_fast_seconds = time.perf_counter() - start
         if first:
             log.info("Qwen2.5-VL: fast decoding ready; the first prompt took %.1f s", self.first_fast_seconds)
+        if not sample:
+            self._refuse_overflow(new)
         return new
+
+    def _refuse_overflow(self, ids: torch.Tensor) -> None:
+        """Greedy decoding of NaN logits picks token 0 every time (the argmax of NaN): an answer of
+        nothing else is the model overflowing, as Qwen2.5-VL does in float16, not a prompt to pass on."""
+        if ids.numel() >= 4 and not bool(ids.any()):
+            raise RuntimeError(
+                f"Qwen2.5-VL in {str(self.dtype).removeprefix('torch.')} produced only token 0 "
+                f"({self.decode(ids[:4])!r}...): its activations overflowed to NaN. Load it in bf16 (or fp32 "
+                "on GPUs without bf16)"
+            )
 
     def _greedy(self, inputs: dict[str, torch.Tensor], options: dict[str, Any]) -> torch.Tensor:
         """Greedy decoding of the fast path by a :class:`greedy.GreedyDecoder` of this model's static cache."""
@@ -308,6 +320,7 @@ class QwenVL:
         for row in output[:, length:]:
             ids = row.tolist()
             end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+            self._refuse_overflow(row[:end])
             results.append((self.decode(row[:end]), min(end + 1, len(ids))))
         return results
 
