@@ -367,9 +367,6 @@ def prepare(args: argparse.Namespace, config: ChainConfig):
     config.validate(backbone)
     prompts = build_prompt_source(args, device)
     setup = policy.sd3_setup(args.precision, device) if args.sd3 is not None else None
-    if setup is not None and setup.chosen:
-        print(f"coz-zoom: precision auto on this GPU: {setup.chosen}, for every model resident "
-              "(--precision picks another preset)", file=sys.stderr)
     if setup is not None and setup.take_turns:
         from .residency import take_turns
 

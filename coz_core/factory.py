@@ -104,6 +104,9 @@ def sd3_backbone(
     if unknown:
         raise ValueError(f"unknown text encoders {sorted(unknown)}; choose from {TEXT_ENCODERS}")
     setup = policy.sd3_setup(precision, device)
+    if setup.chosen:
+        log.info("SD3 precision auto on this GPU: %s, for every model resident (another precision preset "
+                 "picks otherwise)", setup.chosen)
     if setup.not_compiled:
         log.info("SD3 %s: %s; it runs uncompiled, slower", precision, setup.not_compiled)
     return CoZSD3Backbone.from_files(

@@ -80,9 +80,11 @@ class LoadCoZSD3:
                                                          "compact, under 15 GiB lowvram (the console says which). "
                                                          "fp32 / bf16 / fp16: every part in that "
                                                          "dtype (T5 never in fp16: it overflows). reference: upstream's "
-                                                         "arithmetic bit for bit (slower). fast: bf16 VAE (fp32 without bf16), compiled on "
-                                                         "CUDA where Triton is installed (on Windows: triton-windows). compact: fast with fp8 transformer, CLIPs and T5 (every "
-                                                         "model within 16 GiB with the VLM). lowvram: compact, "
+                                                         "arithmetic bit for bit (slower). fast: bf16 VAE (fp32 "
+                                                         "without bf16), compiled on CUDA where Triton is installed "
+                                                         "(on Windows: triton-windows). compact: fast with fp8 "
+                                                         "transformer, CLIPs and T5 (every model within 16 GiB with "
+                                                         "the VLM). lowvram: compact, "
                                                          "not compiled; ComfyUI moves the VLM and SD3 in turn."}),
             },
         }
@@ -101,9 +103,6 @@ class LoadCoZSD3:
             tokenizers=None if source.is_dir() else host.host_tokenizers() or None,
             load_device=host.offload_device(),
         )
-        chosen = policy.sd3_setup(precision, host.torch_device()).chosen
-        if chosen:
-            print(f"[CoZ] SD3 precision auto on this GPU: {chosen}, for every model resident")
         modules = {"SD3 transformer": backbone.transformer, "SD3 VAE": backbone.vae}
         if backbone.text_encoder is not None:
             modules.update({f"SD3 {name}": m for name, m in backbone.text_encoder.models.items() if m is not None})

@@ -240,3 +240,9 @@ def test_a_preset_that_cannot_compile_here_says_so(tiny, monkeypatch, caplog):
                                         latent_mode="mean", load_device=torch.device("cpu"))
     assert not backbone.compiled
     assert "SD3 fast: torch.compile cannot generate code for this GPU" in caplog.text and "triton-windows" in caplog.text
+    monkeypatch.setattr(policy, "device_memory_gib", lambda device: 16.0)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="coz_core"):  # auto's choice for the card is said where it is made
+        factory.sd3_backbone(tiny.folder, tiny.lora_pkl, tiny.vae_pt, torch.device("cuda"), "auto",
+                             latent_mode="mean", load_device=torch.device("cpu"))
+    assert "SD3 precision auto on this GPU: compact (16 GiB GPU)" in caplog.text

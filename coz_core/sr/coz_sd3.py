@@ -99,7 +99,8 @@ class CoZSD3Backbone:
         (merged files that replace SD3's transformer / VAE); None leaves plain SD3 (for comparisons).
         ``transformer_fp8`` stores the transformer's linear weights in float8 (per-row scaled) after
         the merge; ``text_fp8`` those of CLIP-L/G (T5's: ``precision.t5_fp8``).
-        ``precision.adaln_lora == "reference"`` keeps the LoRA apart, rounded as upstream rounds it. ``compile``: :meth:`enable_compile` (CUDA; policy.SD3Setup.compile).
+        ``precision.adaln_lora == "reference"`` keeps the LoRA apart, rounded as upstream rounds it.
+        ``compile``: :meth:`enable_compile` (CUDA; policy.SD3Setup.compile).
         """
         precision = precision or SD3Precision()
         reference = precision.adaln_lora == "reference"
