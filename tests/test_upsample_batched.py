@@ -2,6 +2,7 @@
 slow per-pixel formula, its hand-written gradient equals autograd of the dense formula, and a
 fitting step costs a fixed number of ops whatever the window (the banded path's grow with it)."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -154,6 +155,34 @@ def test_factored_step_equals_the_loop_before(path):
     torch.testing.assert_close(torch.tensor(k.losses), torch.tensor(losses), rtol=0, atol=0)
     for got, want in zip((k.sigma_x, k.sigma_y, k.theta, k.sigma_r), maps):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_fitting_step_that_cannot_be_captured_goes_on_eagerly(monkeypatch):
+    """The fallback's logic on CPU: the warm-up step is a real step, a capture that fails (as a
+    CUDA one can) warns once and runs that step eagerly; every later step runs eagerly, none is
+    lost or run twice."""
+    from coz_core import cuda_graph
+    from coz_core.upsample import model
+
+    def failing_capture(work):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graph, "warm_up", lambda work, times=1: work())  # no side stream here
+    monkeypatch.setattr(cuda_graph, "capture", failing_capture)
+    ran = []
+
+    def run(window_now):
+        ran.append(len(window_now))
+        return torch.tensor(float(len(ran))), torch.tensor(1.0)
+
+    step = model._GraphedStep(run, torch.device("cpu"))
+    assert float(step._step([1, 2])[0]) == 1  # warm-up
+    with pytest.warns(UserWarning, match="could not be captured"):
+        assert float(step._step([1, 2])[0]) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert [float(step([1, 2, 3][:k])[0]) for k in (3, 3, 2)] == [3, 4, 5]
+    assert ran == [2, 2, 3, 3, 2] and step.eager and step.graph is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

@@ -30,11 +30,11 @@ per prompt shape too. Sampling is not handled here (generate does it).
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable
 
 import torch
 
+from .. import cuda_graph
 from . import prefill
 
 # generation settings whose logits processors (or search) this loop does not reproduce
@@ -125,28 +125,19 @@ class GreedyDecoder:
         elif self.graph is not None:
             self.graph.replay()
         elif self.warm < self.WARMUP:
-            side, main = torch.cuda.Stream(), torch.cuda.current_stream()
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                self._advance()
-            main.wait_stream(side)
+            cuda_graph.warm_up(self._advance)
             self.warm += 1
         else:
             try:
                 self._capture()
-            except RuntimeError as exc:  # nothing ran: a capture records kernels, it does not run them
+            except RuntimeError as exc:
                 self.capture = False
-                warnings.warn(f"the VLM decoding step could not be captured as a CUDA graph ({exc}); it runs "
-                              "uncaptured from now on, slower")
+                cuda_graph.warn_uncaptured("the VLM decoding step", exc, "it runs uncaptured from now on, slower")
                 self._advance()
 
     def _capture(self) -> None:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._advance()
-        self.graph = graph
+        self.graph, _ = cuda_graph.capture(self._advance)
         self.captures += 1
-        graph.replay()
 
     def _ended(self, produced: int) -> bool:
         """Whether an end token is among the first ``produced`` tokens; on CUDA, among the first

@@ -14,12 +14,13 @@ an H200: the reads removed alone changed nothing, the host's launches set the pa
 """
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+
+from .. import cuda_graph
 
 
 def prompt_positions(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -167,25 +168,19 @@ class CapturedPrefill:
             self.graph, self.inputs, self.logits = None, None, None
             self.failed |= {key, self._key(prompt)}  # the warm-up may have created the cache's tensors
             self.cache.reset()
-            warnings.warn(f"the VLM prefill could not be captured as a CUDA graph ({exc}); prompts of this "
-                          "shape run eagerly")
+            cuda_graph.warn_uncaptured("the VLM prefill", exc, "prompts of this shape run eagerly")
             return None
 
     def _capture(self) -> torch.Tensor:
-        side, main = torch.cuda.Stream(), torch.cuda.current_stream()
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            for _ in range(self.WARMUP):  # the first fills the static cache's lazy tensors
-                self.cache.reset()
-                self._run()
-        main.wait_stream(side)
+        def reset_and_run() -> torch.Tensor:
+            self.cache.reset()
+            return self._run()
+
+        cuda_graph.warm_up(reset_and_run, self.WARMUP)  # the first fills the static cache's lazy tensors
         self.cache.reset()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self._run()
-        self.graph, self.key = graph, self._key(self.inputs)  # after the warm-up: the cache's tensors exist
+        self.graph, self.logits = cuda_graph.capture(self._run)
+        self.key = self._key(self.inputs)  # after the warm-up: the cache's tensors exist
         self.captures += 1
-        graph.replay()
         return self.logits
 
 

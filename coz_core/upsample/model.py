@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import cuda_graph
 from .batched import BatchedBand, prefix, sort_offsets
 from .grid import Grid
 from .kernel import Band, FitBand, coefficients, pad_lr, window
@@ -275,7 +276,8 @@ class _GraphedStep:
     (the window is a prefix of the sorted offsets, so its size fixes every shape). At a new size
     the first step runs eagerly on a side stream (PyTorch's warm-up before capture; it is a real
     step of the fit), the next one is captured and replayed. One graph is held at a time: its
-    memory pool is about one eager step's peak."""
+    memory pool is about one eager step's peak. A step that cannot be captured warns, and the
+    fit goes on eagerly."""
 
     def __init__(self, run: Callable[[list], tuple[torch.Tensor, torch.Tensor]], device: torch.device):
         self.run, self.device = run, device
@@ -283,8 +285,11 @@ class _GraphedStep:
         self.warm: int | None = None  # window size of the last eager warm-up step
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.eager = False  # a capture failed
 
     def __call__(self, window_now: list) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.eager:
+            return self.run(window_now)
         with torch.cuda.device(self.device):  # streams and capture on the fit's device
             return self._step(window_now)
 
@@ -295,19 +300,16 @@ class _GraphedStep:
             return self.out
         if self.warm != k:
             self.warm = k
-            side, main = torch.cuda.Stream(), torch.cuda.current_stream()
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                out = self.run(window_now)
-            main.wait_stream(side)
-            return out
+            return cuda_graph.warm_up(lambda: self.run(window_now))
         self.graph = self.out = None  # free the previous graph's pool first
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.run(window_now)
-        self.graph, self.k, self.out = graph, k, out
-        graph.replay()
-        return out
+        try:
+            self.graph, self.out = cuda_graph.capture(lambda: self.run(window_now))
+        except RuntimeError as exc:
+            self.eager = True
+            cuda_graph.warn_uncaptured("the upsampler's fitting step", exc, "the fit goes on uncaptured, slower")
+            return self.run(window_now)
+        self.k = k
+        return self.out
 
 
 FitStep = Callable[[torch.Tensor, list, int], "tuple[torch.Tensor, torch.Tensor]"]
