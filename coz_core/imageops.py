@@ -222,13 +222,14 @@ def read_image(
         if allow_large:
             Image.MAX_IMAGE_PIXELS = None
         with Image.open(path) as img:
-            size, frames = img.size, getattr(img, "n_frames", 1)
+            stored, frames = img.size, getattr(img, "n_frames", 1)
+            size = stored[::-1] if _orientation(img) in _TRANSPOSING else stored  # as the picture is seen
             factor = 1
             if allow_large and limit and size[0] * size[1] > limit and process_size is not None:
                 factor = max(1, math.floor(1 / (3 * max(process_size[0] / size[0], process_size[1] / size[1]))))
             if factor > 1 and img.format == "JPEG":
-                img.draft(img.mode, (size[0] // factor, size[1] // factor))  # decodes at 1/2 .. 1/8
-            drafted = size[0] // img.size[0]  # 1, 2, 4 or 8: what JPEG's draft did already
+                img.draft(img.mode, (stored[0] // factor, stored[1] // factor))  # decodes at 1/2 .. 1/8
+            drafted = stored[0] // img.size[0]  # 1, 2, 4 or 8: what JPEG's draft did already
             array = _reduce(_read_array(img, path), max(1, factor // drafted))
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"{path} is too large to read safely ({exc})") from None
@@ -262,7 +263,37 @@ def _reduce(array: np.ndarray, factor: int) -> np.ndarray:
 
 
 def _read_array(img, path: Path) -> np.ndarray:
-    """A Pillow image as float32 [H, W, C] in 0..1, keeping 16-bit and float precision."""
+    """A Pillow image as float32 [H, W, C] in 0..1, keeping 16-bit and float precision, turned
+    upright as its EXIF orientation says (as viewers and ComfyUI's LoadImage show it)."""
+    return _upright(_read_stored(img, path), _orientation(img))
+
+
+# EXIF orientation -> the stored pixels turned upright (what PIL.ImageOps.exif_transpose does)
+_UPRIGHT = {
+    2: lambda a: a[:, ::-1],  # mirrored
+    3: lambda a: a[::-1, ::-1],  # upside down
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),  # a phone held upright: the stored picture lies on its side
+    7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+_TRANSPOSING = (5, 6, 7, 8)
+
+
+def _orientation(img) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))  # ExifTags.Base.Orientation
+    except (ValueError, TypeError, OSError):  # a damaged EXIF block: the pixels as stored
+        return 1
+
+
+def _upright(array: np.ndarray, orientation: int) -> np.ndarray:
+    turn = _UPRIGHT.get(orientation)
+    return array if turn is None else np.ascontiguousarray(turn(array))
+
+
+def _read_stored(img, path: Path) -> np.ndarray:
     mode = img.mode
     if img.format == "PNG" and len(img.tile) == 1 and img.tile[0][3] in _PNG16:
         return _read_png16(img, path)

@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from coz_core.imageops import ensure_rgb, load_image, resize, save_image, to_bchw, to_bhwc
+from coz_core.imageops import ensure_rgb, load_image, read_image, resize, save_image, to_bchw, to_bhwc
+from coz_core.upscale_cli import load_with_alpha
 
 PIL_FILTERS = {"bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR,
                "nearest": Image.NEAREST}
@@ -94,6 +95,45 @@ def test_load_image_kinds(tmp_path):
 
     Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
     assert load_image(tmp_path / "palette.png").shape == (1, 3, 20, 30)
+
+
+def _with_orientation(image: Image.Image, path, orientation: int):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(path, exif=exif)
+    return path
+
+
+def _upright(path) -> np.ndarray:
+    """Independent reference: Pillow's own exif_transpose (what ComfyUI's LoadImage applies)."""
+    with Image.open(path) as img:
+        return np.asarray(ImageOps.exif_transpose(img))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_images_are_read_upright_as_their_exif_orientation_says(tmp_path, orientation):
+    rng = np.random.default_rng(orientation)
+    rgb = _with_orientation(Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)),
+                            tmp_path / "rgb.png", orientation)
+    loaded = read_image(rgb)
+    want = _upright(rgb) / 255
+    np.testing.assert_allclose(loaded.image[0].permute(1, 2, 0).numpy(), want, atol=1e-6)
+    assert loaded.size == (want.shape[1], want.shape[0])  # as seen: boxes are given in these pixels
+    deep = _with_orientation(Image.fromarray(rng.integers(0, 65536, (20, 30), dtype=np.uint16)),
+                             tmp_path / "deep.png", orientation)
+    np.testing.assert_allclose(load_image(deep)[0, 0].numpy(), _upright(deep) / 65535, atol=1e-6)
+    rgba = _with_orientation(Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8)),
+                             tmp_path / "rgba.png", orientation)  # the upscale CLI keeps alpha
+    np.testing.assert_allclose(load_with_alpha(rgba)[0].permute(1, 2, 0).numpy(), _upright(rgba) / 255, atol=1e-6)
+
+
+def test_a_large_image_on_its_side_is_reduced_by_its_upright_size(tmp_path, monkeypatch):
+    stored = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 240, 3), dtype=np.uint8))
+    path = _with_orientation(stored, tmp_path / "tall.png", 6)  # seen 60 wide, 240 high
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    loaded = read_image(path, allow_large=True, process_size=(10, 20))
+    # 3x the 10 x 20 processing size fits in 60 x 240 twice (not 4x, as the stored 240 x 60 would say)
+    assert loaded.size == (60, 240) and loaded.image.shape == (1, 3, 120, 30) and loaded.scale == (2.0, 2.0)
 
 
 def test_load_image_errors(tmp_path):
