@@ -283,16 +283,17 @@ def _in_file_pixels(result: ChainResult, loaded: LoadedImage) -> ChainResult:
     return result
 
 
-def write_outputs(result: ChainResult, folder: Path, source: Path, backbone_name: str, extra: dict) -> None:
+def write_outputs(result: ChainResult, folder: Path, source: Path, backbone_name: str, extra: dict,
+                  icc_profile: bytes | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     batch = result.final.shape[0]
     for step in result.steps:
         for b in range(batch):
             suffix = f"_b{b}" if batch > 1 else ""
-            save_image(step.image[b], folder / f"scale_{step.index}{suffix}.png")
+            save_image(step.image[b], folder / f"scale_{step.index}{suffix}.png", icc_profile)
             if step.zoomed is not None:
-                save_image(step.zoomed[b], folder / f"zoomed_{step.index}{suffix}.png")
-    save_image(make_strip(result), folder / "strip.png")
+                save_image(step.zoomed[b], folder / f"zoomed_{step.index}{suffix}.png", icc_profile)
+    save_image(make_strip(result), folder / "strip.png", icc_profile)
     lines = [f"{s.index}: {' | '.join(s.prompts)}" for s in result.steps[1:]]
     if not extra.get("prompts_used", True):
         lines.insert(0, f"# unused: the {backbone_name} backbone takes no prompt; these are recorded only")
@@ -309,10 +310,10 @@ def write_outputs(result: ChainResult, folder: Path, source: Path, backbone_name
 
 
 def write_results(result: ChainResult, folder: Path, source: Path, label: str, extra: dict,
-                  args: argparse.Namespace) -> None:
+                  args: argparse.Namespace, icc_profile: bytes | None = None) -> None:
     """Every file of one input into ``folder``: the scales, strip, prompts, manifest, and the zoom
     video when asked for (not for a cancelled chain)."""
-    write_outputs(result, folder, source, label, extra)
+    write_outputs(result, folder, source, label, extra, icc_profile)
     if args.video is not None and len(result.steps) > 1 and not result.cancelled:
         write_video_of(result, folder / args.video, args)
 
@@ -436,7 +437,7 @@ def run(argv: list[str] | None = None) -> int:
         extra = {**facts, "input_notes": loaded.notes, "seconds_total": time.perf_counter() - t0}
         if result.steps:
             try:
-                write_atomically(out, lambda tmp: write_results(result, tmp, path, label, extra, args))
+                write_atomically(out, lambda tmp: write_results(result, tmp, path, label, extra, args, loaded.icc_profile))
             except OSError as exc:
                 print(f"coz-zoom: could not write the results of {path} to {out} ({exc}); "
                       "nothing of it was kept", file=sys.stderr)

@@ -178,6 +178,7 @@ class LoadedImage:
     scale: tuple[float, float] = (1.0, 1.0)  # file pixels per tensor pixel (> 1: reduced on reading)
     alpha: str | None = None  # how transparency was handled; None: the file has none
     frames: int = 1  # frames in the file (the first is read)
+    icc_profile: bytes | None = None  # the file's RGB colour profile (rgb_profile), for the outputs
 
     @property
     def notes(self) -> list[str]:
@@ -187,6 +188,8 @@ class LoadedImage:
             notes.append(f"read reduced from {self.size[0]}x{self.size[1]} to {w}x{h} (a large image)")
         if self.frames > 1:
             notes.append(f"first of {self.frames} frames")
+        if self.icc_profile:
+            notes.append("colour profile (ICC) kept in the output images")
         return notes
 
 
@@ -223,14 +226,15 @@ def read_image(
             Image.MAX_IMAGE_PIXELS = None
         with Image.open(path) as img:
             stored, frames = img.size, getattr(img, "n_frames", 1)
-            size = stored[::-1] if _orientation(img) in _TRANSPOSING else stored  # as the picture is seen
             factor = 1
-            if allow_large and limit and size[0] * size[1] > limit and process_size is not None:
-                factor = max(1, math.floor(1 / (3 * max(process_size[0] / size[0], process_size[1] / size[1]))))
+            if allow_large and limit and stored[0] * stored[1] > limit and process_size is not None:
+                w, h = _seen(stored, _orientation(img, before_reading=True))
+                factor = max(1, math.floor(1 / (3 * max(process_size[0] / w, process_size[1] / h))))
             if factor > 1 and img.format == "JPEG":
                 img.draft(img.mode, (stored[0] // factor, stored[1] // factor))  # decodes at 1/2 .. 1/8
             drafted = stored[0] // img.size[0]  # 1, 2, 4 or 8: what JPEG's draft did already
             array = _reduce(_read_array(img, path), max(1, factor // drafted))
+            size, profile = _seen(stored, _orientation(img)), rgb_profile(img)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"{path} is too large to read safely ({exc})") from None
     except UnidentifiedImageError as exc:
@@ -249,7 +253,16 @@ def read_image(
             colour = colour.expand(-1, 3, -1, -1)
         tensor = colour * opacity + bg * (1.0 - opacity)
         alpha = f"alpha composited on background {tuple(round(float(c), 4) for c in background)}"
-    return LoadedImage(ensure_rgb(tensor).contiguous(), size, scale, alpha, frames)
+    return LoadedImage(ensure_rgb(tensor).contiguous(), size, scale, alpha, frames, profile)
+
+
+def rgb_profile(img) -> bytes | None:
+    """The ICC colour profile of an open Pillow image when it describes RGB (phones' Display P3,
+    Adobe RGB...): the pixels are processed as they are, so images made from them are written
+    with it to look as the input does. None without one, or for a grey or CMYK profile (such
+    pictures are written as RGB, which those profiles cannot describe)."""
+    icc = img.info.get("icc_profile")
+    return icc if isinstance(icc, bytes) and icc[16:20] == b"RGB " else None  # the header's colour space
 
 
 def _reduce(array: np.ndarray, factor: int) -> np.ndarray:
@@ -281,11 +294,21 @@ _UPRIGHT = {
 _TRANSPOSING = (5, 6, 7, 8)
 
 
-def _orientation(img) -> int:
+def _orientation(img, before_reading: bool = False) -> int:
+    """The EXIF orientation (1: as stored), as Pillow's ``exif_transpose`` reads it. A PNG's
+    ``getexif`` decodes the whole picture to reach an eXIf chunk after it; ``before_reading``
+    looks only at what precedes the pixels (where Pillow and exiftool write it)."""
+    if before_reading and img.format == "PNG" and "exif" not in img.info:
+        return 1
     try:
         return int(img.getexif().get(0x0112, 1))  # ExifTags.Base.Orientation
     except (ValueError, TypeError, OSError):  # a damaged EXIF block: the pixels as stored
         return 1
+
+
+def _seen(stored: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(width, height) of the picture as it is seen."""
+    return stored[::-1] if orientation in _TRANSPOSING else stored
 
 
 def _upright(array: np.ndarray, orientation: int) -> np.ndarray:
@@ -332,8 +355,9 @@ def _read_png16(img, path: Path) -> np.ndarray:
     return ((high << 8) | low).astype(np.float32) / 65535.0
 
 
-def save_image(image: torch.Tensor, path: str | Path) -> Path:
-    """Write one [3, H, W] or [1, 3, H, W] float 0..1 image as 8-bit (PNG unless the suffix says)."""
+def save_image(image: torch.Tensor, path: str | Path, icc_profile: bytes | None = None) -> Path:
+    """Write one [3, H, W] or [1, 3, H, W] float 0..1 image as 8-bit (PNG unless the suffix says),
+    tagged with ``icc_profile`` (an RGB ICC profile) when given."""
     from PIL import Image
 
     if image.ndim == 4:
@@ -343,5 +367,5 @@ def save_image(image: torch.Tensor, path: str | Path) -> Path:
     array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array.astype(np.uint8)).save(path)
+    Image.fromarray(array.astype(np.uint8)).save(path, **({"icc_profile": icc_profile} if icc_profile else {}))
     return path

@@ -21,7 +21,7 @@ import torch
 from . import __version__, factory, policy
 from .cli import add_model_arguments, build_backbone, build_prompt_source, collect_inputs, show_notes, step_texts
 from .color import COLOR_METHODS
-from .imageops import ImageTooLarge, _read_array, save_image
+from .imageops import ImageTooLarge, _read_array, rgb_profile, save_image
 from .output import check_output, folder_names, write_atomically
 from .upscale_image import (
     BLENDS, PROMPT_BATCH, PROMPT_TOKENS, UpscaleConfig, UpscaleResult, count_units, upscale_image,
@@ -58,30 +58,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_with_alpha(path: Path) -> torch.Tensor:
-    """An image file as float32 [1, C, H, W] in 0..1, alpha kept (C = 1..4)."""
+def load_with_alpha(path: Path) -> tuple[torch.Tensor, bytes | None]:
+    """An image file as float32 [1, C, H, W] in 0..1, alpha kept (C = 1..4), and its RGB colour
+    profile (``imageops.rgb_profile``)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            array = _read_array(img, path)  # 16-bit and float precision kept
+            array, profile = _read_array(img, path), rgb_profile(img)  # 16-bit and float precision kept
     except Image.DecompressionBombError as exc:  # skipped like coz-zoom skips it (the output would be larger still)
         raise ImageTooLarge(f"{path} is too large to read safely ({exc})") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{path} is not an image Pillow can read ({exc})") from exc
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0), profile
 
 
 def output_name(result: UpscaleResult, source: Path) -> str:
     return f"{source.stem}_x{result.config.factor}.png"
 
 
-def write_outputs(result: UpscaleResult, folder: Path, source: Path, extra: dict) -> None:
-    """The enlarged image(s), prompts.txt and manifest.json into ``folder``."""
+def write_outputs(result: UpscaleResult, folder: Path, source: Path, extra: dict,
+                  icc_profile: bytes | None = None) -> None:
+    """The enlarged image(s), tagged with the input's colour profile, prompts.txt and manifest.json into ``folder``."""
     name = output_name(result, source)
     for b in range(result.image.shape[0]):
         target = folder / (name if result.image.shape[0] == 1 else f"{source.stem}_x{result.config.factor}_b{b}.png")
-        save_image(result.image[b], target)
+        save_image(result.image[b], target, icc_profile)
     lines = [f"pass {t.pass_index} tile {t.tile.index} (row {t.tile.row}, col {t.tile.col}): {t.prompt}"
              for t in result.tiles]
     (folder / "prompts.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for path, name in zip(inputs, names):
         try:
-            image = load_with_alpha(path)
+            image, profile = load_with_alpha(path)
         except (ValueError, FileNotFoundError) as exc:
             print(f"coz-upscale: skipping {path}: {exc}", file=sys.stderr)
             failures += 1
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
         folder, extra = args.output / name, {"seconds_total": time.perf_counter() - t0}
         try:
-            write_atomically(folder, lambda tmp: write_outputs(result, tmp, path, extra))
+            write_atomically(folder, lambda tmp: write_outputs(result, tmp, path, extra, profile))
         except OSError as exc:
             print(f"coz-upscale: could not write the results of {path} to {folder} ({exc}); nothing of it "
                   "was kept", file=sys.stderr)

@@ -152,11 +152,11 @@ def test_full_disk_leaves_nothing_half_made(tmp_path, capsys, monkeypatch):
     real = cli.save_image
     calls = {"n": 0}
 
-    def save(image, path):
+    def save(image, path, *rest):
         calls["n"] += 1
         if "a" == path.parent.name.split(".")[1] and path.name == "scale_2.png":
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(image, path)
+        return real(image, path, *rest)
     monkeypatch.setattr(cli, "save_image", save)
     assert main([str(src), "-o", str(tmp_path / "out")] + FAST) == 1
     assert "No space left on device" in capsys.readouterr().err
@@ -288,3 +288,24 @@ def test_16_bit_rgb_png_keeps_full_precision(tmp_path):
     _png16(tmp_path / "deep.png", rgb)
     got = load_image(tmp_path / "deep.png")[0].permute(1, 2, 0).double().numpy() * 65535
     np.testing.assert_allclose(got, rgb, atol=0.02)
+
+
+def test_the_input_s_rgb_colour_profile_is_kept_in_every_image_written(tmp_path):
+    # a phone's Display P3 or an Adobe RGB picture: its pixels are processed as they are, so the
+    # images made from them need its profile to look as it does; a non-RGB profile is not carried
+    from PIL import ImageCms
+
+    rgb_icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    lab_icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    src = tmp_path / "in"
+    src.mkdir()
+    _write(src / "tagged.png")
+    Image.open(src / "tagged.png").save(src / "tagged.png", icc_profile=rgb_icc)
+    _write(src / "odd.png")
+    Image.open(src / "odd.png").save(src / "odd.png", icc_profile=lab_icc)
+    assert main([str(src), "-o", str(tmp_path / "out")] + FAST) == 0
+    tagged = sorted((tmp_path / "out" / "tagged").glob("*.png"))
+    assert len(tagged) == 6 and all(Image.open(p).info.get("icc_profile") == rgb_icc for p in tagged)
+    assert all("icc_profile" not in Image.open(p).info for p in (tmp_path / "out" / "odd").glob("*.png"))
+    manifest = json.loads((tmp_path / "out" / "tagged" / "manifest.json").read_text())
+    assert any("colour profile" in n for n in manifest["input_notes"])

@@ -124,7 +124,7 @@ def test_images_are_read_upright_as_their_exif_orientation_says(tmp_path, orient
     np.testing.assert_allclose(load_image(deep)[0, 0].numpy(), _upright(deep) / 65535, atol=1e-6)
     rgba = _with_orientation(Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8)),
                              tmp_path / "rgba.png", orientation)  # the upscale CLI keeps alpha
-    np.testing.assert_allclose(load_with_alpha(rgba)[0].permute(1, 2, 0).numpy(), _upright(rgba) / 255, atol=1e-6)
+    np.testing.assert_allclose(load_with_alpha(rgba)[0][0].permute(1, 2, 0).numpy(), _upright(rgba) / 255, atol=1e-6)
 
 
 def test_a_large_image_on_its_side_is_reduced_by_its_upright_size(tmp_path, monkeypatch):

@@ -29,6 +29,18 @@ def test_cli_writes_image_prompts_and_manifest(tmp_path, monkeypatch):
     assert not list((tmp_path / "out").glob(".*partial*")) and not list(folder.glob(".*partial*"))
 
 
+def test_cli_keeps_the_input_s_colour_profile(tmp_path, monkeypatch):
+    from PIL import Image, ImageCms
+
+    monkeypatch.setattr(cli, "build_backbone", small_backbone)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    src = tmp_path / "in.png"
+    Image.new("RGBA", (24, 16), (200, 30, 60, 128)).save(src, icc_profile=icc)
+    assert cli.main([str(src), "-o", str(tmp_path / "out"), "--factor", "2", "--quiet"]) == 0
+    with Image.open(tmp_path / "out" / "in" / "in_x2.png") as out:
+        assert out.size == (48, 32) and out.info.get("icc_profile") == icc
+
+
 def test_cli_output_folders_follow_coz_zoom_rules(tmp_path, monkeypatch, capsys):
     """Same-stem inputs get their own folders; existing results are refused before any compute
     unless --overwrite, which replaces the folder as a whole."""
