@@ -25,7 +25,9 @@ Order. A pass zooms in over N frames (frame 0 = scale 0, frame N-1 = the last sc
 end frame (2N - 2 frames), so the video loops seamlessly.
 
 Encoding (:func:`write_video`) uses PyAV, the FFmpeg bindings ComfyUI's own video nodes use;
-no ffmpeg program is needed.
+no ffmpeg program is needed. Colours go to YUV by BT.709 and the file says so: players read
+untagged HD video as BT.709, while FFmpeg's default conversion is BT.601 (decoded as BT.709,
+such a file turned pure green into 0, 215, 0 and 200, 30, 60 into 212, 46, 57).
 """
 from __future__ import annotations
 
@@ -319,6 +321,10 @@ def check_output(path: str | Path, fps: float, seconds: float | None = None) -> 
     return codec
 
 
+# the encoder's colour tags (AVCodecContext options): BT.709 limited range, as converted
+_BT709 = {"colorspace": "bt709", "color_primaries": "bt709", "color_trc": "bt709", "color_range": "tv"}
+
+
 def write_video(frames: Iterable[torch.Tensor], path: str | Path, fps: float = 30.0, crf: int = 18,
                 on_frame: Callable[[int], None] | None = None) -> int:
     """Encode frames ([3, H, W] or [1, 3, H, W] float 0..1) into ``path`` with PyAV; returns the
@@ -332,7 +338,7 @@ def write_video(frames: Iterable[torch.Tensor], path: str | Path, fps: float = 3
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=Fraction(round(fps * 1000), 1000))
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(int(crf))}
+        stream.options = {"crf": str(int(crf)), **_BT709}
         for frame in frames:
             frame = frame[0] if frame.ndim == 4 else frame
             height, width = frame.shape[-2:]
@@ -343,7 +349,9 @@ def write_video(frames: Iterable[torch.Tensor], path: str | Path, fps: float = 3
             elif (width, height) != (stream.width, stream.height):
                 raise ValueError(f"frame {count} is {width}x{height}, the video {stream.width}x{stream.height}")
             array = (frame.detach().float().clamp(0, 1) * 255.0 + 0.5).byte().permute(1, 2, 0).cpu().numpy()
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+            yuv = av.VideoFrame.from_ndarray(array, format="rgb24").reformat(
+                format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG")
+            container.mux(stream.encode(yuv))
             count += 1
             if on_frame:
                 on_frame(count)

@@ -243,6 +243,23 @@ def test_the_video_file_decodes_with_its_frames(tmp_path):
     assert psnr(frames[0], last) < 25  # the file holds the zoom, not one picture
 
 
+@pytest.mark.parametrize("suffix", [".mp4", ".webm"])
+def test_colours_are_bt709_and_tagged_so(tmp_path, suffix):
+    # players decode HD video as the file's tags say, untagged as BT.709: a file converted by
+    # FFmpeg's default BT.601 shifts saturated colours there (green 255 -> 215)
+    import av
+
+    colours = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [200 / 255, 30 / 255, 60 / 255], [0.5, 0.5, 0.5]])
+    write_video([c.view(3, 1, 1).expand(3, 32, 32) for c in colours], tmp_path / f"c{suffix}", fps=5)
+    with av.open(str(tmp_path / f"c{suffix}")) as container:
+        stream = container.streams.video[0]
+        tags = stream.codec_context
+        assert (int(tags.colorspace), int(tags.color_primaries), int(tags.color_trc)) == (1, 1, 1)  # BT.709
+        shown = [f.reformat(format="rgb24", src_colorspace="ITU709", src_color_range="MPEG").to_ndarray()[16, 16]
+                 for f in container.decode(stream)]
+    assert np.abs(np.stack(shown).astype(float) - colours.numpy() * 255).max() <= 4
+
+
 def test_webm_and_odd_sizes(tmp_path):
     result = chain(steps=1, zoom=2.0, size=(33, 21), mode="bicubic")
     count = save_zoom_video(result, tmp_path / "zoom.webm", fps=8, seconds=1, direction="pingpong")
