@@ -276,17 +276,23 @@ def section_vlm(report: Report, models: Models, args, device: torch.device) -> N
     prep = timed(lambda: vlm.inputs(images, MULTISCALE_SYSTEM), device, args.repeats)
     report.row("vlm", "prompt step: its inputs (chat template, tokens, pixels patchified on the device)", ms(prep),
                seconds=prep)
-    # whole-image tile prompts: padded batches through generate (the default batch) or one by one
-    tiles, tokens = 8, args.tokens if args.tiny else policy.VLM_TILE_TOKENS
+    # whole-image tile prompts (one length): batches decoded together on the fast path (the default
+    # on a GPU), the same batches padded through generate (before), one by one
+    tiles, tokens, batch = 8, args.tokens if args.tiny else policy.VLM_TILE_TOKENS, policy.VLM_TILE_BATCH
     views = torch.rand(tiles, 3, size, size, generator=g).to(device)
     request = PromptRequest(previous.expand(tiles, -1, -1, -1), views, 1)
-    batched = f"generate, {policy.VLM_TILE_BATCH} per batch"
-    for label, batch in ((batched, policy.VLM_TILE_BATCH), ("one by one (a GPU: the fast path)", 1)):
-        tile_source = QwenPromptSource(vlm, max_new_tokens=tokens, clean=False, batch_size=batch)
-        tile_source(request)  # warm-up
+    fast = vlm.fast_decode
+    for label, size_of_batch, fast_decode in (
+            (f"{batch} per batch, decoded together (a GPU: the fast path)", batch, fast),
+            (f"{batch} per batch through generate, padded (before)", batch, False),
+            ("one by one (a GPU: the fast path)", 1, fast)):
+        vlm.fast_decode = fast_decode
+        tile_source = QwenPromptSource(vlm, max_new_tokens=tokens, clean=False, batch_size=size_of_batch)
+        tile_source(request)  # warm-up (and the batch's compile and capture)
         per_tile = timed(lambda: tile_source(request), device, 1) / tiles
         report.row("vlm", f"whole-image tile prompts ({tiles} tiles, {tokens} tokens): {label}",
                    f"{ms(per_tile)} per tile", seconds=per_tile)
+    vlm.fast_decode = fast
     if vlm.model.config.vision_config._attn_implementation == attention.NAME:
         # the vision tower's attention as transformers runs it with "sdpa": one call per window
         vlm.model.set_attn_implementation({"vision_config": "sdpa"})

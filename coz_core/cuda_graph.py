@@ -3,8 +3,9 @@
 PyTorch's recipe (``torch.cuda.graphs``): run the work on a side stream first (the warm-up: lazy
 allocations, cuBLAS workspaces, compilation), then capture it once and replay it. A capture
 records kernels without running them, so one that fails (an operation a capturing stream may
-not do, a driver that refuses) leaves the state as it was: the callers then run the work
-eagerly, with :func:`warn_uncaptured`.
+not do, a driver that refuses) leaves the state as it was: it raises :class:`CaptureError`, and
+the callers run the work eagerly, with :func:`warn_uncaptured`. Running out of memory is not a
+failed capture: it propagates (callers halve their batch or report it).
 """
 from __future__ import annotations
 
@@ -27,12 +28,21 @@ def warm_up(work: Callable[[], T], times: int = 1) -> T:
     return out
 
 
+class CaptureError(RuntimeError):
+    """``work`` could not be captured (nothing of it ran): run it eagerly instead."""
+
+
 def capture(work: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T]:
     """``work()`` captured as a CUDA graph, then replayed once (the capture itself runs nothing):
     the graph and the result tensors it writes on every replay."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = work()
+    try:
+        with torch.cuda.graph(graph):
+            out = work()
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        raise CaptureError(str(exc)) from exc
     graph.replay()
     return graph, out
 

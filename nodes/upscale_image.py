@@ -67,7 +67,8 @@ class UpscaleImage:
                                           "New tokens per tile prompt from the VLM (upstream: 16); replaces the "
                                           "VLM loader's setting for this node only."}),
                 "prompt_batch": ("INT", {"default": PROMPT_BATCH, "min": 1, "max": 64, "tooltip":
-                                         "Tile prompts the VLM writes at once (faster on a GPU; halved "
+                                         "Tile prompts the VLM writes at once (on a GPU they are decoded "
+                                         "together by the fast path: each batch size compiles once; halved "
                                          "automatically when memory runs out)."}),
                 "tile_prompts": ("STRING", {"default": "", "multiline": True, "forceInput": True, "tooltip":
                                             "Without a VLM: one prompt per line, per tile in raster order "

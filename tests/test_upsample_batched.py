@@ -165,7 +165,7 @@ def test_a_fitting_step_that_cannot_be_captured_goes_on_eagerly(monkeypatch):
     from coz_core.upsample import model
 
     def failing_capture(work):
-        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        raise cuda_graph.CaptureError("CUDA error: operation not permitted when stream is capturing")
 
     monkeypatch.setattr(cuda_graph, "warm_up", lambda work, times=1: work())  # no side stream here
     monkeypatch.setattr(cuda_graph, "capture", failing_capture)
@@ -183,6 +183,15 @@ def test_a_fitting_step_that_cannot_be_captured_goes_on_eagerly(monkeypatch):
         warnings.simplefilter("error")  # said once
         assert [float(step([1, 2, 3][:k])[0]) for k in (3, 3, 2)] == [3, 4, 5]
     assert ran == [2, 2, 3, 3, 2] and step.eager and step.graph is None
+
+    def out_of_memory(work):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(cuda_graph, "capture", out_of_memory)
+    step = model._GraphedStep(run, torch.device("cpu"))
+    step._step([1])
+    with pytest.raises(torch.OutOfMemoryError):  # memory, not a capture that cannot be: reported
+        step._step([1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

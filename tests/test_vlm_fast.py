@@ -94,10 +94,11 @@ def test_a_decoding_step_that_cannot_be_captured_runs_uncaptured(vlm, monkeypatc
     # stream may not record) warns once and the loop goes on uncaptured, with the same tokens
     from transformers import StaticCache
 
+    from coz_core import cuda_graph
     from coz_core.prompt import greedy
 
     def failing_capture(self):
-        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        raise cuda_graph.CaptureError("CUDA error: operation not permitted when stream is capturing")
 
     monkeypatch.setattr(greedy.GreedyDecoder, "WARMUP", 0)  # straight to the capture (no side stream here)
     monkeypatch.setattr(greedy.GreedyDecoder, "_capture", failing_capture)
@@ -144,6 +145,32 @@ def test_fast_greedy_loop_matches_generate_with_penalty_min_tokens_and_end_token
             config.eos_token_id, config.min_new_tokens = original, None
     finally:
         config.eos_token_id, config.min_new_tokens = original, None
+
+
+@pytest.mark.parametrize("penalty, min_new", [(1.3, None), (1.0, None), (1.0, 6)])
+def test_prompts_of_one_length_decode_together_as_generate_decodes_them(vlm, penalty, min_new):
+    # generate_batch on the fast path (one decoder per batch size, its own static cache) against
+    # generate's batch; a token of the first answer made an end token, so the rows end apart
+    fast = replace(vlm, fast_decode=True, compile_backend="eager", _compile_config=None, _cache=None, _step=None)
+    chats = [_inputs(vlm, seed) for seed in (0, 1, 2)]
+    config = vlm.model.generation_config
+    original = config.eos_token_id
+    config.eos_token_id = [*original, int(vlm.generate_ids(chats[0], 24, repetition_penalty=penalty)[3])]
+    config.min_new_tokens = min_new
+    try:
+        expected = vlm.generate_batch(chats, 24, penalty)  # the plain path: generate
+        assert fast.generate_batch(chats, 24, penalty) == expected and list(fast._batches) == [3]
+        decoder = fast._batches[3][0]
+        assert fast.generate_batch(chats, 24, penalty) == expected and fast._batches[3][0] is decoder  # reused
+        counts = [n for _, n in expected]
+        if min_new is None:
+            assert counts[0] == 4 and max(counts) > 4  # the rows ended apart
+        else:  # the end token, due fourth, held back
+            assert counts[0] >= min_new
+    finally:
+        config.eos_token_id, config.min_new_tokens = original, None
+    other = [_inputs(vlm, 0), _inputs(vlm, 1, size=84)]  # two lengths: generate, padded
+    assert fast.generate_batch(other, 12) == vlm.generate_batch(other, 12) and 2 not in fast._batches
 
 
 def test_fast_greedy_loop_computes_no_token_past_the_end(vlm, monkeypatch):
@@ -206,6 +233,11 @@ def test_cuda_graph_decoding_equals_generate_and_is_captured_once(tmp_path):
         assert torch.equal(forced, vlm.generate_ids(inputs, 12, min_new_tokens=12))
     assert fast._step.capture and fast._step.captures == 1 and fast._step.prefill.captures == 1
     assert fused.is_fused(fast.model)
+    chats = [_inputs(vlm, seed) for seed in (4, 5, 6)]  # one length: decoded together
+    for _ in range(2):
+        assert fast.generate_batch(chats, 16) == vlm.generate_batch(chats, 16)
+    batch = fast._batches[3][0]
+    assert batch.captures == 1 and batch.prefill is None  # its own graph; a batch's prefill runs eagerly
     fast.model.to("cpu")
     fast.model.to("cuda")
     inputs = _inputs(vlm, 3)

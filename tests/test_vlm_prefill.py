@@ -13,6 +13,7 @@ import torch
 from qwen_fixtures import make_tiny_qwen
 from transformers import StaticCache
 
+from coz_core import cuda_graph
 from coz_core.prompt import attention, fused, greedy, prefill
 from coz_core.prompt.qwen import MULTISCALE_SYSTEM, load_qwen_vl
 from coz_core.prompt.vision import patchify, prepare_images
@@ -157,7 +158,7 @@ def test_a_failed_capture_falls_back_to_the_eager_prefill_once_per_shape(vlm, mo
         attempts.append(self._key(self.inputs))
         self.cache.reset()
         self._run()  # the warm-up, for real
-        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        raise cuda_graph.CaptureError("CUDA error: operation not permitted when stream is capturing")
 
     monkeypatch.setattr(prefill.CapturedPrefill, "_capture", failing_capture)
     model = vlm.model

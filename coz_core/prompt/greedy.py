@@ -1,10 +1,11 @@
 """Greedy decoding of Qwen2.5-VL through a static KV cache, without transformers' generate loop.
 
 Reference semantics: ``model.generate(**inputs, do_sample=False, repetition_penalty=p,
-min_new_tokens=m, max_new_tokens=n)`` of the installed transformers (5.x), batch 1, no padding:
+min_new_tokens=m, max_new_tokens=n)`` of the installed transformers (5.x), no padding (several
+prompts of one length decode together, each as alone; the loop runs until every one has ended):
 - positions: the prompt's multimodal rope positions come from ``get_rope_index`` (what
   ``_prepare_position_ids_for_generation`` computes), stacked under the text positions as the
-  [4, 1, L] tensor generate passes; every new token continues each of the four rows by one
+  [4, B, L] tensor generate passes; every new token continues each of the four rows by one
   (``_update_model_kwargs_for_generation``: ``position_ids[..., -1:] + 1``);
 - scores: the last logits in float32; the repetition penalty of ``RepetitionPenaltyLogitsProcessor``
   (each id seen in the prompt or the answer once: score < 0 ? score * p : score / p), kept as a
@@ -19,14 +20,14 @@ pinned memory; the host waits for the token before the last one it queued, so th
 the next one to work on): at most one token past the end is computed and dropped (3.5 on average
 when end tokens were looked for every 8 tokens). Every token after the first is one call of
 :meth:`GreedyDecoder._advance` on buffers at fixed addresses (position + 1, the one-token forward,
-scores, argmax, bookkeeping). The forward is compiled once per model (``torch.compile``); on
+scores, argmax, bookkeeping). The forward is compiled once per model and batch size; on
 CUDA the whole of ``_advance`` is then captured as one CUDA graph and replayed for every later
 token of every later call, so a token costs the host one ``replay()`` instead of hundreds of
 kernel launches and torch.compile's per-call guard checks (measured on an H200: 249 tokens/s with
 inductor's own ``reduce-overhead`` graphs, 266 with this one, 3.75 ms of GPU time per token
 against 0.011 ms of host time; 317 with the projections fused, ``fused.py``). The prefill before
-it (``prefill.py``) reads nothing back from the GPU and, on CUDA, is captured as a CUDA graph
-per prompt shape too. Sampling is not handled here (generate does it).
+it (``prefill.py``) reads nothing back from the GPU and, on CUDA, a single prompt's is
+captured as a CUDA graph per prompt shape too. Sampling is not handled here (generate does it).
 """
 from __future__ import annotations
 
@@ -64,53 +65,60 @@ def compile_step(model: Any, backend: str | None, graphs_by_caller: bool = False
 class GreedyDecoder:
     """Greedy decoding (see the module docstring) into one static ``cache``, for every call.
 
-    ``length``: the cache's length (no call decodes more); ``forward``: from :func:`compile_step`.
+    ``length``: the cache's length (no call decodes more); ``forward``: from :func:`compile_step`;
+    ``batch``: how many prompts of one length every call decodes together (the cache's batch).
+    Each is decoded as alone, as generate decodes an unpadded batch: the loop runs until every
+    prompt has ended and each answer is cut after its first end token.
     ``capture`` (CUDA): the per-token step runs for real ``WARMUP`` times on a side stream (the
     first compiles the forward), is then captured as a CUDA graph and replayed from there on (a
     step that cannot be captured warns and runs uncaptured). The graph holds the addresses of the cache, the buffers and
     the weights: moved weights get a new capture (checked once per call), a new cache a new decoder.
     The repetition penalty is a constant of the graph (as generate's processor takes it); another
-    penalty gets a new capture."""
+    penalty gets a new capture. The prefill is captured for one prompt only (a batch's graph would
+    keep several prompts' activations on the GPU for as long as the model is loaded)."""
 
     WARMUP = 2
 
-    def __init__(self, model: Any, cache: Any, length: int, forward: Callable[..., Any], capture: bool = False):
+    def __init__(self, model: Any, cache: Any, length: int, forward: Callable[..., Any], capture: bool = False,
+                 batch: int = 1):
         self.model, self.cache, self.length, self.forward, self.capture = model, cache, length, forward, capture
+        self.batch = batch
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warm = 0  # real steps run since the last change of what the graph holds
         self.key: tuple | None = None  # (penalty, weight and cache addresses) the graph was made for
         self.penalty = 1.0
         self.buffers_for: tuple | None = None  # (vocab, device) of the buffers
         self.captures = 0  # how many graphs were captured (tests, benchmarks)
-        self.prefill = prefill.CapturedPrefill(model, cache) if capture else None
+        self.prefill = prefill.CapturedPrefill(model, cache) if capture and batch == 1 else None
 
     def _buffers(self, vocab: int, device: torch.device) -> None:
         if self.buffers_for == (vocab, device):
             return
         self.graph, self.warm, self.buffers_for = None, 0, (vocab, device)
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)  # the last token
-        self.position = torch.zeros(4, 1, 1, dtype=torch.long, device=device)  # its positions
+        b = self.batch
+        self.token = torch.zeros(b, 1, dtype=torch.long, device=device)  # the last tokens
+        self.position = torch.zeros(4, b, 1, dtype=torch.long, device=device)  # their positions
         self.index = torch.zeros(1, dtype=torch.long, device=device)  # tokens produced so far
-        self.tokens = torch.zeros(self.length, dtype=torch.long, device=device)
-        self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)  # ids the penalty applies to
+        self.tokens = torch.zeros(b, self.length, dtype=torch.long, device=device)
+        self.seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)  # ids the penalty applies to
         self.end = torch.zeros(1, vocab, dtype=torch.bool, device=device)  # end tokens
         self.min_new = torch.zeros((), dtype=torch.long, device=device)
-        self.ended = torch.zeros(1, dtype=torch.bool, device=device)  # an end token was emitted
-        if device.type == "cuda":  # the flag as the host reads it, and when it has arrived
-            self.ended_host = torch.zeros(1, dtype=torch.bool).pin_memory()
+        self.ended = torch.zeros(b, dtype=torch.bool, device=device)  # an end token was emitted
+        if device.type == "cuda":  # the flags as the host reads them, and when they have arrived
+            self.ended_host = torch.zeros(b, dtype=torch.bool).pin_memory()
             self.copied = (torch.cuda.Event(), torch.cuda.Event())
 
     def _choose(self, logits: torch.Tensor) -> None:
-        """Scores of ``logits`` [1, vocab] (float32), their argmax, and its bookkeeping."""
+        """Scores of ``logits`` [B, vocab] (float32), their argmax, and its bookkeeping."""
         if self.penalty != 1.0:
             p = self.penalty
             logits = torch.where(self.seen, torch.where(logits < 0, logits * p, logits / p), logits)
         logits = logits.masked_fill(self.end & (self.index < self.min_new), float("-inf"))
-        token = logits.argmax(dim=-1, keepdim=True)  # [1, 1]
+        token = logits.argmax(dim=-1, keepdim=True)  # [B, 1]
         self.token.copy_(token)
-        self.tokens.index_copy_(0, self.index, token.view(1))
+        self.tokens.index_copy_(1, self.index, token)
         self.seen.scatter_(1, token, True)
-        self.ended.logical_or_(self.end[0].index_select(0, token.view(1)))
+        self.ended.logical_or_(self.end[0].index_select(0, token.view(-1)))
         self.index.add_(1)
 
     def _advance(self) -> None:
@@ -130,7 +138,7 @@ class GreedyDecoder:
         else:
             try:
                 self._capture()
-            except RuntimeError as exc:
+            except cuda_graph.CaptureError as exc:
                 self.capture = False
                 cuda_graph.warn_uncaptured("the VLM decoding step", exc, "it runs uncaptured from now on, slower")
                 self._advance()
@@ -140,24 +148,23 @@ class GreedyDecoder:
         self.captures += 1
 
     def _ended(self, produced: int) -> bool:
-        """Whether an end token is among the first ``produced`` tokens; on CUDA, among the first
-        ``produced - 1`` at least (the flag of the last queued token may not have arrived)."""
+        """Whether every prompt has an end token among its first ``produced`` tokens; on CUDA, among
+        the first ``produced - 1`` at least (the flags of the last queued token may not have arrived)."""
         if self.buffers_for[1].type != "cuda":
-            return bool(self.ended)
+            return bool(self.ended.all())
         self.ended_host.copy_(self.ended, non_blocking=True)
         self.copied[produced % 2].record()
         if produced > 1:
-            self.copied[(produced - 1) % 2].synchronize()  # the previous token's flag has arrived
-        return bool(self.ended_host)
+            self.copied[(produced - 1) % 2].synchronize()  # the previous token's flags have arrived
+        return bool(self.ended_host.all())
 
     def _prefill(self, prompt: prefill.Prompt) -> torch.Tensor:
-        """The prompt's last logits [1, vocab]: captured and replayed on CUDA, else run as it is."""
+        """The prompts' last logits [B, vocab]: captured and replayed on CUDA, else run as they are."""
         logits = self.prefill(prompt) if self.prefill is not None else None
         if logits is None:
             logits = prefill.run(self.model, prompt, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         return logits
 
-    @torch.inference_mode()
     def __call__(
         self,
         inputs: dict[str, torch.Tensor],
@@ -166,23 +173,38 @@ class GreedyDecoder:
         min_new_tokens: int = 0,
         eos_token_ids: list[int] | tuple[int, ...] = (),
     ) -> torch.Tensor:
-        """The new token ids [n] of greedy decoding, ``cache`` reset by the caller.
+        """The new token ids [n] of greedy decoding of one prompt, ``cache`` reset by the caller.
 
         ``inputs``: one unpadded prompt from ``QwenVL.inputs`` (input_ids [1, L], attention_mask,
         pixel_values, image_grid_thw, mm_token_type_ids where the model takes it), on the CPU (the
         pixels may be on the device already).
         Everything is copied to the device before the prefill (see :mod:`.prefill`), so the host
         queues the prefill and the first tokens without waiting for the GPU."""
+        return self.answers(inputs, max_new_tokens, repetition_penalty, min_new_tokens, eos_token_ids)[0]
+
+    @torch.inference_mode()
+    def answers(
+        self,
+        inputs: dict[str, torch.Tensor],
+        max_new_tokens: int,
+        repetition_penalty: float = 1.0,
+        min_new_tokens: int = 0,
+        eos_token_ids: list[int] | tuple[int, ...] = (),
+    ) -> list[torch.Tensor]:
+        """The new token ids of each of the ``batch`` prompts stacked in ``inputs`` (input_ids
+        [batch, L], one length, no padding), each cut after its first end token."""
         model = self.model
         if max_new_tokens > self.length:
             raise ValueError(f"{max_new_tokens} new tokens do not fit a cache of {self.length}")
+        if inputs["input_ids"].shape[0] != self.batch:
+            raise ValueError(f"this decoder takes {self.batch} prompts at once, not {inputs['input_ids'].shape[0]}")
         device = model.device
         prompt = prefill.prepare(model, inputs, device, model.dtype)
         vocab = model.get_output_embeddings().weight.shape[0]
         self._buffers(vocab, device)
         self.penalty = float(repetition_penalty)
         ids, eos = prompt.input_ids, torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
-        seen = torch.zeros(1, vocab + 1, dtype=torch.bool, device=device)  # last column: ids past the vocab
+        seen = torch.zeros(self.batch, vocab + 1, dtype=torch.bool, device=device)  # last column: ids past the vocab
         seen.scatter_(1, ids.clamp(max=vocab), True)
         self.seen.copy_(seen[:, :vocab])
         end = torch.zeros(1, vocab, dtype=torch.bool)
@@ -193,7 +215,7 @@ class GreedyDecoder:
         self.index.zero_()
         self.ended.zero_()
         if device.type == "cuda":
-            self.ended_host.zero_()  # the last call's flag (that call's copies have all arrived)
+            self.ended_host.zero_()  # the last call's flags (that call's copies have all arrived)
         self.position.copy_(prompt.positions[..., -1:])
         self._choose(self._prefill(prompt).float())
         key = (self.penalty, prefill.addresses(self.model, self.cache))  # after the prefill: it creates the cache's tensors
@@ -203,9 +225,8 @@ class GreedyDecoder:
         while produced < max_new_tokens and not (eos.numel() and self._ended(produced)):
             self._step()
             produced += 1
-        tokens = self.tokens[:produced].clone()
-        if eos.numel():
+        answers = []
+        for tokens in self.tokens[:, :produced].clone():
             hits = torch.isin(tokens, eos).nonzero()
-            if hits.numel():
-                tokens = tokens[: int(hits[0, 0]) + 1]
-        return tokens
+            answers.append(tokens[: int(hits[0, 0]) + 1] if hits.numel() else tokens)
+        return answers

@@ -24,9 +24,9 @@ from .. import cuda_graph
 
 
 def prompt_positions(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[4, 1, L] positions of the prompt as generate builds them: text row, then the 3 rope rows."""
+    """[4, B, L] positions of the prompts as generate builds them: text row, then the 3 rope rows."""
     ids = batch["input_ids"]
-    text = torch.arange(ids.shape[1], device=ids.device)[None]
+    text = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
     extra = {k: batch[k] for k in ("attention_mask", "image_grid_thw", "mm_token_type_ids") if k in batch}
     rope, deltas = model.model.get_rope_index(ids, **extra)
     model.model.rope_deltas = deltas  # as generate leaves it
@@ -61,26 +61,27 @@ def vision_indices(visual: Any, grid_thw: torch.Tensor) -> dict[str, Any]:
 class Prompt:
     """One prompt's tensors on the device, ready for :func:`run` (built by :func:`prepare`)."""
 
-    input_ids: torch.Tensor  # [1, L]
-    positions: torch.Tensor  # [4, 1, L]
+    input_ids: torch.Tensor  # [B, L]
+    positions: torch.Tensor  # [4, B, L]
     pixel_values: torch.Tensor | None
     grid_thw: torch.Tensor | None  # on the CPU: the vision tower reads none of it (all precomputed)
-    image_tokens: torch.Tensor | None  # where the image features go in the sequence
+    image_tokens: torch.Tensor | None  # where the image features go in the B * L sequence positions
     vision: dict[str, Any]  # vision_indices on the device
 
 
 def prepare(model: Any, inputs: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> Prompt:
-    """The inputs of one unpadded prompt (from ``QwenVL.inputs``, on the CPU) moved to ``device``
-    with everything :func:`run` needs; raises when the image tokens and the images disagree."""
+    """The inputs of unpadded prompts (from ``QwenVL.inputs``, on the CPU; several of one length
+    stacked) moved to ``device`` with everything :func:`run` needs; raises when the image tokens
+    and the images disagree."""
     ids = inputs["input_ids"].cpu()
-    if ids.shape[0] != 1 or ("attention_mask" in inputs and not bool(inputs["attention_mask"].all())):
-        raise ValueError("the prefill takes one unpadded sequence; use generate for padded batches")
+    if "attention_mask" in inputs and not bool(inputs["attention_mask"].all()):
+        raise ValueError("the prefill takes unpadded sequences; use generate for padded batches")
     cpu = {k: v.cpu() for k, v in inputs.items() if k in ("attention_mask", "image_grid_thw", "mm_token_type_ids")}
     positions = prompt_positions(model, {"input_ids": ids, **cpu})
     pixels, grid, tokens, vision = inputs.get("pixel_values"), cpu.get("image_grid_thw"), None, {}
     if pixels is not None:
         visual = model.model.visual
-        tokens = (ids[0] == model.config.image_token_id).nonzero()[:, 0]
+        tokens = (ids.flatten() == model.config.image_token_id).nonzero()[:, 0]
         features = int(grid.prod(-1).sum()) // visual.spatial_merge_size ** 2
         if tokens.numel() != features:
             raise ValueError(f"the prompt holds {tokens.numel()} image tokens for {features} image features")
@@ -97,7 +98,9 @@ def run(model: Any, prompt: Prompt, cache: Any = None, **options: Any) -> Any:
     if prompt.pixel_values is not None:
         visual = model.model.visual
         features = visual(prompt.pixel_values.type(visual.dtype), grid_thw=prompt.grid_thw, **prompt.vision).pooler_output
-        embeds = embeds.index_copy(1, prompt.image_tokens, features[None].to(embeds.dtype))
+        b, length, width = embeds.shape  # the features in order: prompt by prompt, as the image tokens
+        embeds = embeds.reshape(1, b * length, width).index_copy(1, prompt.image_tokens, features[None].to(embeds.dtype))
+        embeds = embeds.view(b, length, width)
     with _empty(cache):
         return model(inputs_embeds=embeds, position_ids=prompt.positions, cache=cache, **options)
 
@@ -164,7 +167,7 @@ class CapturedPrefill:
         self.graph, self.inputs = None, prompt  # the prompt's own tensors become the buffers
         try:
             return self._capture()
-        except RuntimeError as exc:
+        except cuda_graph.CaptureError as exc:
             self.graph, self.inputs, self.logits = None, None, None
             self.failed |= {key, self._key(prompt)}  # the warm-up may have created the cache's tensors
             self.cache.reset()

@@ -101,6 +101,7 @@ class QwenVL:
     _compile_config: Any = field(default=None, repr=False)
     _cache: Any = field(default=None, repr=False)  # (StaticCache, its device, its length)
     _step: Any = field(default=None, repr=False)  # greedy.GreedyDecoder of the static cache
+    _batches: dict = field(default_factory=dict, init=False, repr=False)  # batch size -> (GreedyDecoder, device)
     _ids: dict = field(default_factory=dict, repr=False)  # token ids per (system, image tokens)
 
     def uses_fast_decode(self) -> bool:
@@ -267,17 +268,51 @@ class QwenVL:
         """Greedy decoding of the fast path by a :class:`greedy.GreedyDecoder` of this model's static cache."""
         cache = options.get("cache", options.get("past_key_values"))
         if self._step is None or self._step.cache is not cache:
-            capture = self.device.type == "cuda" and self.backend is not None
-            if capture and self.fuse:
-                fuse_projections(self.model)  # before the step is compiled
-            forward = self._step.forward if self._step is not None else \
-                greedy.compile_step(self.model, self.backend, graphs_by_caller=capture)
-            self._step = greedy.GreedyDecoder(self.model, cache, self._cache[2], forward, capture=capture)
+            self._step = self._decoder(cache, self._cache[2], 1)
+        return self._step(inputs, int(options["max_new_tokens"]), float(options["repetition_penalty"]),
+                          *self._stops(options.get("min_new_tokens")))
+
+    def _decoder(self, cache: Any, length: int, batch: int) -> greedy.GreedyDecoder:
+        """A :class:`greedy.GreedyDecoder` of ``cache``; every decoder of this model shares one
+        compiled forward (torch.compile specialises it once per batch size)."""
+        capture = self.device.type == "cuda" and self.backend is not None
+        if capture and self.fuse:
+            fuse_projections(self.model)  # before the step is compiled
+        known = self._step or next((decoder for decoder, _ in self._batches.values()), None)
+        forward = known.forward if known is not None else \
+            greedy.compile_step(self.model, self.backend, graphs_by_caller=capture)
+        return greedy.GreedyDecoder(self.model, cache, length, forward, capture=capture, batch=batch)
+
+    def _stops(self, min_new_tokens: int | None) -> tuple[int, list[int]]:
+        """(min_new_tokens, end token ids) as generate takes them: an unset minimum falls back on
+        the model's generation config."""
         config = self.model.generation_config
         eos = [] if config.eos_token_id is None else list(np.atleast_1d(config.eos_token_id))
-        min_new = options.get("min_new_tokens", config.min_new_tokens)  # generate falls back on the config's
-        return self._step(inputs, int(options["max_new_tokens"]), float(options["repetition_penalty"]),
-                          int(min_new or 0), [int(e) for e in eos])
+        min_new = config.min_new_tokens if min_new_tokens is None else min_new_tokens
+        return int(min_new or 0), [int(e) for e in eos]
+
+    def _fast_batch(self, inputs: list[dict[str, torch.Tensor]], max_new_tokens: int,
+                    penalty: float) -> list[torch.Tensor] | None:
+        """Greedy answers of chats of one length decoded together on the fast path (no padding:
+        whole-image tiles and a chain's batch ask the same question of same-sized images), each cut
+        after its end token; None where the fast path does not apply (generate decodes them)."""
+        lengths = {int(x["input_ids"].shape[1]) for x in inputs}
+        if len(lengths) != 1 or not (self.uses_fast_decode() and greedy.handles(self.model.generation_config)):
+            return None
+        from transformers import StaticCache
+
+        batch, size = len(inputs), CACHE_BUCKET * -(-(lengths.pop() + max_new_tokens) // CACHE_BUCKET)
+        decoder, where = self._batches.get(batch, (None, None))
+        if decoder is None or decoder.length < size or where != self.device:
+            if self.backend is not None:
+                log.info("Qwen2.5-VL: the first batch of %d prompts compiles and captures its decoding, once", batch)
+            size = max(size, decoder.length if decoder is not None and where == self.device else 0)
+            decoder = self._decoder(StaticCache(config=self.model.config, max_cache_len=size), size, batch)
+            self._batches[batch] = (decoder, self.device)
+        decoder.cache.reset()
+        stacked = {k: torch.cat([x[k] for x in inputs]) for k in inputs[0]}
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            return decoder.answers(stacked, max_new_tokens, penalty, *self._stops(None))
 
     def decode(self, ids: torch.Tensor) -> str:
         """The text of new token ids from :meth:`generate_ids`, special tokens left out."""
@@ -290,10 +325,29 @@ class QwenVL:
         max_new_tokens: int = MAX_NEW_TOKENS,
         repetition_penalty: float | None = None,
     ) -> list[tuple[str, int]]:
-        """Greedy :meth:`generate_ids` of several chats in one batch (left-padded): [(answer, new tokens)]."""
+        """Greedy :meth:`generate_ids` of several chats in one batch: [(answer, new tokens)]. Chats
+        of one length take the fast path where it is on (:meth:`_fast_batch`), others are
+        left-padded through generate."""
         if len(inputs) == 1:
             new = self.generate_ids(inputs[0], max_new_tokens, repetition_penalty=repetition_penalty)
             return [(self.decode(new), int(new.numel()))]
+        penalty = self.repetition_penalty if repetition_penalty is None else repetition_penalty
+        eos = self.model.generation_config.eos_token_id
+        stops = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        answers = self._fast_batch(inputs, int(max_new_tokens), float(penalty))
+        if answers is None:
+            answers = self._padded_batch(inputs, int(max_new_tokens), penalty)
+        results = []
+        for row in answers:
+            ids = row.tolist()
+            end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+            self._refuse_overflow(row[:end])
+            results.append((self.decode(row[:end]), min(end + 1, len(ids))))
+        return results
+
+    def _padded_batch(self, inputs: list[dict[str, torch.Tensor]], max_new_tokens: int,
+                      penalty: float) -> list[torch.Tensor]:
+        """Greedy answers of chats left-padded into one batch through generate."""
         pad = self.tokenizer.pad_token_id
         if pad is None:
             raise ValueError(f"the tokenizer of {self.folder} has no pad token; prompts cannot be batched")
@@ -311,18 +365,9 @@ class QwenVL:
         device = self.device
         batch = {k: v.to(device) for k, v in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
-        penalty = self.repetition_penalty if repetition_penalty is None else repetition_penalty
-        output = self.model.generate(**batch, max_new_tokens=int(max_new_tokens), do_sample=False,
+        output = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                      repetition_penalty=penalty, pad_token_id=pad)
-        results = []
-        eos = self.model.generation_config.eos_token_id
-        stops = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        for row in output[:, length:]:
-            ids = row.tolist()
-            end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
-            self._refuse_overflow(row[:end])
-            results.append((self.decode(row[:end]), min(end + 1, len(ids))))
-        return results
+        return list(output[:, length:])
 
 
 def _fast_path_supported() -> bool:

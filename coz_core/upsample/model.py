@@ -304,7 +304,7 @@ class _GraphedStep:
         self.graph = self.out = None  # free the previous graph's pool first
         try:
             self.graph, self.out = cuda_graph.capture(lambda: self.run(window_now))
-        except RuntimeError as exc:
+        except cuda_graph.CaptureError as exc:
             self.eager = True
             cuda_graph.warn_uncaptured("the upsampler's fitting step", exc, "the fit goes on uncaptured, slower")
             return self.run(window_now)
