@@ -301,7 +301,12 @@ class QwenVL:
             return None
         from transformers import StaticCache
 
-        batch, size = len(inputs), CACHE_BUCKET * -(-(lengths.pop() + max_new_tokens) // CACHE_BUCKET)
+        wanted, size = len(inputs), CACHE_BUCKET * -(-(lengths.pop() + max_new_tokens) // CACHE_BUCKET)
+        # a smaller batch (the last of a run) fills a larger decoder's with copies of its last
+        # chat rather than compile one more (each answer is its own: the copies change none)
+        batch = min((b for b, (_, where) in self._batches.items() if b >= wanted and where == self.device),
+                    default=wanted)
+        inputs = inputs + inputs[-1:] * (batch - wanted)
         decoder, where = self._batches.get(batch, (None, None))
         if decoder is None or decoder.length < size or where != self.device:
             if self.backend is not None:
@@ -312,7 +317,7 @@ class QwenVL:
         decoder.cache.reset()
         stacked = {k: torch.cat([x[k] for x in inputs]) for k in inputs[0]}
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
-            return decoder.answers(stacked, max_new_tokens, penalty, *self._stops(None))
+            return decoder.answers(stacked, max_new_tokens, penalty, *self._stops(None))[:wanted]
 
     def decode(self, ids: torch.Tensor) -> str:
         """The text of new token ids from :meth:`generate_ids`, special tokens left out."""
