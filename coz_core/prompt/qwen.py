@@ -311,7 +311,6 @@ class QwenVL:
         if decoder is None or decoder.length < size or where != self.device:
             if self.backend is not None:
                 log.info("Qwen2.5-VL: the first batch of %d prompts compiles and captures its decoding, once", batch)
-            size = max(size, decoder.length if decoder is not None and where == self.device else 0)
             decoder = self._decoder(StaticCache(config=self.model.config, max_cache_len=size), size, batch)
             self._batches[batch] = (decoder, self.device)
         decoder.cache.reset()
