@@ -437,7 +437,8 @@ def run(argv: list[str] | None = None) -> int:
         extra = {**facts, "input_notes": loaded.notes, "seconds_total": time.perf_counter() - t0}
         if result.steps:
             try:
-                write_atomically(out, lambda tmp: write_results(result, tmp, path, label, extra, args, loaded.icc_profile))
+                write_atomically(out, lambda tmp: write_results(result, tmp, path, label, extra, args,
+                                                                loaded.icc_profile))
             except OSError as exc:
                 print(f"coz-zoom: could not write the results of {path} to {out} ({exc}); "
                       "nothing of it was kept", file=sys.stderr)

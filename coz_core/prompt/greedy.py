@@ -165,22 +165,9 @@ class GreedyDecoder:
             logits = prefill.run(self.model, prompt, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         return logits
 
-    def __call__(
-        self,
-        inputs: dict[str, torch.Tensor],
-        max_new_tokens: int,
-        repetition_penalty: float = 1.0,
-        min_new_tokens: int = 0,
-        eos_token_ids: list[int] | tuple[int, ...] = (),
-    ) -> torch.Tensor:
-        """The new token ids [n] of greedy decoding of one prompt, ``cache`` reset by the caller.
-
-        ``inputs``: one unpadded prompt from ``QwenVL.inputs`` (input_ids [1, L], attention_mask,
-        pixel_values, image_grid_thw, mm_token_type_ids where the model takes it), on the CPU (the
-        pixels may be on the device already).
-        Everything is copied to the device before the prefill (see :mod:`.prefill`), so the host
-        queues the prefill and the first tokens without waiting for the GPU."""
-        return self.answers(inputs, max_new_tokens, repetition_penalty, min_new_tokens, eos_token_ids)[0]
+    def __call__(self, inputs: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The new token ids [n] of one prompt: :meth:`answers` of a batch of one."""
+        return self.answers(inputs, *args, **kwargs)[0]
 
     @torch.inference_mode()
     def answers(
@@ -191,8 +178,14 @@ class GreedyDecoder:
         min_new_tokens: int = 0,
         eos_token_ids: list[int] | tuple[int, ...] = (),
     ) -> list[torch.Tensor]:
-        """The new token ids of each of the ``batch`` prompts stacked in ``inputs`` (input_ids
-        [batch, L], one length, no padding), each cut after its first end token."""
+        """The new token ids of each of the ``batch`` prompts in ``inputs``, each cut after its
+        first end token; ``cache`` reset by the caller.
+
+        ``inputs``: from ``QwenVL.inputs`` (input_ids [batch, L]: prompts of one length stacked,
+        no padding; attention_mask, pixel_values, image_grid_thw, mm_token_type_ids where the
+        model takes it), on the CPU (the pixels may be on the device already). Everything is
+        copied to the device before the prefill (see :mod:`.prefill`), so the host queues the
+        prefill and the first tokens without waiting for the GPU."""
         model = self.model
         if max_new_tokens > self.length:
             raise ValueError(f"{max_new_tokens} new tokens do not fit a cache of {self.length}")
@@ -204,7 +197,7 @@ class GreedyDecoder:
         self._buffers(vocab, device)
         self.penalty = float(repetition_penalty)
         ids, eos = prompt.input_ids, torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
-        seen = torch.zeros(self.batch, vocab + 1, dtype=torch.bool, device=device)  # last column: ids past the vocab
+        seen = torch.zeros(self.batch, vocab + 1, dtype=torch.bool, device=device)  # last: ids past the vocab
         seen.scatter_(1, ids.clamp(max=vocab), True)
         self.seen.copy_(seen[:, :vocab])
         end = torch.zeros(1, vocab, dtype=torch.bool)

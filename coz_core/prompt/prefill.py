@@ -99,8 +99,8 @@ def run(model: Any, prompt: Prompt, cache: Any = None, **options: Any) -> Any:
         visual = model.model.visual
         features = visual(prompt.pixel_values.type(visual.dtype), grid_thw=prompt.grid_thw, **prompt.vision).pooler_output
         b, length, width = embeds.shape  # the features in order: prompt by prompt, as the image tokens
-        embeds = embeds.reshape(1, b * length, width).index_copy(1, prompt.image_tokens, features[None].to(embeds.dtype))
-        embeds = embeds.view(b, length, width)
+        flat = embeds.reshape(1, b * length, width)
+        embeds = flat.index_copy(1, prompt.image_tokens, features[None].to(embeds.dtype)).view(b, length, width)
     with _empty(cache):
         return model(inputs_embeds=embeds, position_ids=prompt.positions, cache=cache, **options)
 
