@@ -39,9 +39,10 @@ def capture(work: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T]:
     try:
         with torch.cuda.graph(graph):
             out = work()
-    except torch.OutOfMemoryError:
-        raise
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # ending a broken capture may raise its own error over the first
+        first = exc if isinstance(exc, torch.OutOfMemoryError) else exc.__context__
+        if isinstance(first, torch.OutOfMemoryError):
+            raise first
         raise CaptureError(str(exc)) from exc
     graph.replay()
     return graph, out
