@@ -7,6 +7,7 @@ default dynamic cache.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import warnings
@@ -164,6 +165,10 @@ def test_prompts_of_one_length_decode_together_as_generate_decodes_them(vlm, pen
         assert fast.generate_batch(chats, 24, penalty) == expected and fast._batches[3][0] is decoder  # reused
         # the last, smaller batch of a run fills the decoder of 3 (no compile for 2)
         assert fast.generate_batch(chats[1:], 24, penalty) == expected[1:] and list(fast._batches) == [3]
+        if penalty == 1.0 and min_new is None:  # the projections fused, as on a GPU
+            fused_copy = replace(fast, model=copy.deepcopy(vlm.model))
+            assert fused.fuse_projections(fused_copy.model)
+            assert fused_copy.generate_batch(chats, 24, penalty) == expected
         counts = [n for _, n in expected]
         if min_new is None:
             assert counts[0] == 4 and max(counts) > 4  # the rows ended apart
