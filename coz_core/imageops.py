@@ -161,8 +161,30 @@ def resize(
 
 # --- files -----------------------------------------------------------------------------------
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif", ".heic", ".heif")
 WHITE = (1.0, 1.0, 1.0)
+
+
+@lru_cache(maxsize=1)
+def heif_plugin() -> bool:
+    """Whether HEIC/HEIF files (phones' photos) open: with the pillow-heif package (optional),
+    registered with Pillow on first use."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
+def unreadable(path: Path, error: Exception) -> ValueError:
+    """The error for a file Pillow cannot identify, with what would read it where that is known."""
+    hint = ""
+    if path.suffix.lower() in (".heic", ".heif") and not heif_plugin():
+        hint = "; HEIC/HEIF photos need the pillow-heif package: pip install pillow-heif"
+    elif path.suffix.lower() == ".avif":
+        hint = "; AVIF needs Pillow 11.3 or newer: pip install -U pillow"
+    return ValueError(f"{path} is not an image Pillow can read ({error}){hint}")
 
 
 class ImageTooLarge(ValueError):
@@ -221,6 +243,7 @@ def read_image(
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     limit = Image.MAX_IMAGE_PIXELS
+    heif_plugin()
     try:
         if allow_large:
             Image.MAX_IMAGE_PIXELS = None
@@ -238,8 +261,8 @@ def read_image(
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"{path} is too large to read safely ({exc})") from None
     except UnidentifiedImageError as exc:
-        raise ValueError(f"{path} is not an image Pillow can read ({exc})") from exc
-    except OSError as exc:
+        raise unreadable(path, exc) from exc
+    except (OSError, ValueError) as exc:  # a damaged file (plugins such as pillow-heif raise ValueError)
         raise ValueError(f"{path} could not be decoded: {exc}") from exc
     finally:
         Image.MAX_IMAGE_PIXELS = limit

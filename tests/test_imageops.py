@@ -155,3 +155,28 @@ def test_save_image_roundtrip(tmp_path):
     assert (load_image(path) - x).abs().max() <= 0.5 / 255 + 1e-6
     with pytest.raises(ValueError, match="one image"):
         save_image(torch.rand(2, 3, 4, 4), tmp_path / "y.png")
+
+
+def test_phone_photos_in_heic_are_read_with_pillow_heif(tmp_path):
+    pillow_heif = pytest.importorskip("pillow_heif")
+    y, x = np.mgrid[0:48, 0:64]
+    smooth = np.stack([x * 4, y * 5, (x + y) * 2], -1).astype(np.uint8)  # what lossy HEVC keeps
+    pillow_heif.from_bytes(mode="RGB", size=(64, 48), data=smooth.tobytes()).save(tmp_path / "photo.heic", quality=95)
+    loaded = read_image(tmp_path / "photo.heic")
+    assert loaded.size == (64, 48)
+    assert np.abs(loaded.image[0].permute(1, 2, 0).numpy() * 255 - smooth).mean() < 3
+    from coz_core.cli import collect_inputs
+    assert collect_inputs([str(tmp_path)]) == [tmp_path / "photo.heic"]  # found in folders
+    data = (tmp_path / "photo.heic").read_bytes()
+    (tmp_path / "cut.heic").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.heic could not be decoded"):  # named, as Pillow's own errors
+        read_image(tmp_path / "cut.heic")
+
+
+def test_an_unreadable_heic_says_what_reads_it(tmp_path, monkeypatch):
+    import coz_core.imageops as imageops
+
+    monkeypatch.setattr(imageops, "heif_plugin", lambda: False)  # as without pillow-heif
+    (tmp_path / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(40))
+    with pytest.raises(ValueError, match="photo.heic is not an image Pillow can read.*pip install pillow-heif"):
+        read_image(tmp_path / "photo.heic")
