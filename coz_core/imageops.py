@@ -11,9 +11,11 @@ hand): the CoZ reference resizes with PIL's Lanczos and bicubic (Keys a = -0.5, 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -177,7 +179,26 @@ def heif_plugin() -> bool:
     return True
 
 
-def unreadable(path: Path, error: Exception) -> ValueError:
+@contextmanager
+def open_image(path: Path) -> Iterator[Any]:
+    """``path`` opened by Pillow (HEIC/HEIF too where pillow-heif is installed). What goes wrong
+    while it is open and read is told with the file's name: :class:`ImageTooLarge` over Pillow's
+    pixel limit, not an image (with what would read it), or damaged."""
+    from PIL import Image, UnidentifiedImageError
+
+    heif_plugin()
+    try:
+        with Image.open(path) as img:
+            yield img
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"{path} is too large to read safely ({exc})") from None
+    except UnidentifiedImageError as exc:
+        raise _unreadable(path, exc) from exc
+    except (OSError, ValueError) as exc:  # a damaged file (plugins such as pillow-heif raise ValueError)
+        raise ValueError(f"{path} could not be decoded: {exc}") from exc
+
+
+def _unreadable(path: Path, error: Exception) -> ValueError:
     """The error for a file Pillow cannot identify, with what would read it where that is known."""
     hint = ""
     if path.suffix.lower() in (".heic", ".heif") and not heif_plugin():
@@ -237,17 +258,16 @@ def read_image(
     them to for ``process_size`` = (w, h) (Pillow's ``reducing_gap=3``: the Lanczos resize from
     the reduced copy is then indistinguishable), so only a fraction of their pixels is held.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     limit = Image.MAX_IMAGE_PIXELS
-    heif_plugin()
     try:
         if allow_large:
             Image.MAX_IMAGE_PIXELS = None
-        with Image.open(path) as img:
+        with open_image(path) as img:
             stored, frames = img.size, getattr(img, "n_frames", 1)
             factor = 1
             if allow_large and limit and stored[0] * stored[1] > limit and process_size is not None:
@@ -258,12 +278,6 @@ def read_image(
             drafted = stored[0] // img.size[0]  # 1, 2, 4 or 8: what JPEG's draft did already
             array = _reduce(_read_array(img, path), max(1, factor // drafted))
             size, profile = _seen(stored, _orientation(img)), rgb_profile(img)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"{path} is too large to read safely ({exc})") from None
-    except UnidentifiedImageError as exc:
-        raise unreadable(path, exc) from exc
-    except (OSError, ValueError) as exc:  # a damaged file (plugins such as pillow-heif raise ValueError)
-        raise ValueError(f"{path} could not be decoded: {exc}") from exc
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     scale = (float(drafted * max(1, factor // drafted)),) * 2

@@ -21,7 +21,7 @@ import torch
 from . import __version__, factory, policy
 from .cli import add_model_arguments, build_backbone, build_prompt_source, collect_inputs, show_notes, step_texts
 from .color import COLOR_METHODS
-from .imageops import ImageTooLarge, heif_plugin, _read_array, rgb_profile, save_image, unreadable
+from .imageops import _read_array, open_image, rgb_profile, save_image
 from .output import check_output, folder_names, write_atomically
 from .upscale_image import (
     BLENDS, PROMPT_BATCH, PROMPT_TOKENS, UpscaleConfig, UpscaleResult, count_units, upscale_image,
@@ -61,18 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 def load_with_alpha(path: Path) -> tuple[torch.Tensor, bytes | None]:
     """An image file as float32 [1, C, H, W] in 0..1, alpha kept (C = 1..4), and its RGB colour
     profile (``imageops.rgb_profile``)."""
-    from PIL import Image, UnidentifiedImageError
-
-    heif_plugin()
-    try:
-        with Image.open(path) as img:
-            array, profile = _read_array(img, path), rgb_profile(img)  # 16-bit and float precision kept
-    except Image.DecompressionBombError as exc:  # skipped like coz-zoom skips it (the output would be larger still)
-        raise ImageTooLarge(f"{path} is too large to read safely ({exc})") from None
-    except UnidentifiedImageError as exc:
-        raise unreadable(path, exc) from exc
-    except (OSError, ValueError) as exc:  # a damaged file (plugins such as pillow-heif raise ValueError)
-        raise ValueError(f"{path} could not be decoded: {exc}") from exc
+    with open_image(path) as img:  # over Pillow's limit: ImageTooLarge, skipped as coz-zoom skips it
+        array, profile = _read_array(img, path), rgb_profile(img)  # 16-bit and float precision kept
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0), profile
 
 
