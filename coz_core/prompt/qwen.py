@@ -238,8 +238,7 @@ class QwenVL:
                 log.info("Qwen2.5-VL: %s: its decoding is captured without %s's kernels, slower",
                          NOT_COMPILED, self.compile_backend)
         start = time.perf_counter()
-        # CUDA streams, graphs and compiled kernels go to the current device: make it the model's
-        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+        with self._device_current():
             if fast and not sample and greedy.handles(self.model.generation_config):
                 new = self._greedy(inputs, options)
             else:
@@ -283,6 +282,10 @@ class QwenVL:
             greedy.compile_step(self.model, self.backend, graphs_by_caller=capture)
         return greedy.GreedyDecoder(self.model, cache, length, forward, capture=capture, batch=batch)
 
+    def _device_current(self) -> contextlib.AbstractContextManager:
+        """The model's CUDA device made current: CUDA streams, graphs and compiled kernels go there."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
     def _stops(self, min_new_tokens: int | None) -> tuple[int, list[int]]:
         """(min_new_tokens, end token ids) as generate takes them: an unset minimum falls back on
         the model's generation config."""
@@ -315,7 +318,7 @@ class QwenVL:
             self._batches[batch] = (decoder, self.device)
         decoder.cache.reset()
         stacked = {k: torch.cat([x[k] for x in inputs]) for k in inputs[0]}
-        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+        with self._device_current():
             return decoder.answers(stacked, max_new_tokens, penalty, *self._stops(None))[:wanted]
 
     def decode(self, ids: torch.Tensor) -> str:
@@ -336,8 +339,7 @@ class QwenVL:
             new = self.generate_ids(inputs[0], max_new_tokens, repetition_penalty=repetition_penalty)
             return [(self.decode(new), int(new.numel()))]
         penalty = self.repetition_penalty if repetition_penalty is None else repetition_penalty
-        eos = self.model.generation_config.eos_token_id
-        stops = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        stops = set(self._stops(None)[1])
         answers = self._fast_batch(inputs, int(max_new_tokens), float(penalty))
         if answers is None:
             answers = self._padded_batch(inputs, int(max_new_tokens), penalty)
