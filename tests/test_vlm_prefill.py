@@ -89,6 +89,19 @@ def test_fused_projections_compute_the_same_model(vlm):
     assert torch.equal(fast.generate_ids(inputs, 16), same[0, inputs["input_ids"].shape[1]:])
 
 
+def test_a_model_fused_under_inference_mode_still_runs_after_a_move(vlm):
+    model = copy.deepcopy(vlm.model)
+    with torch.inference_mode():  # as the fast path fuses it
+        assert fused.fuse_projections(model)
+    model.to(torch.float64).to(torch.float32)  # a move re-creates every parameter, as .to("cpu") does on a GPU
+    inputs = _inputs(vlm, 2)
+    positions = prefill.prompt_positions(vlm.model, inputs)
+    with torch.inference_mode():
+        ours = model(**inputs, position_ids=positions).logits
+        theirs = vlm.model(**inputs, position_ids=positions).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-3)
+
+
 def test_fusion_leaves_an_unknown_attention_alone(vlm, monkeypatch):
     model = copy.deepcopy(vlm.model)
     monkeypatch.setattr(fused, "_known_attention", lambda attention: False)

@@ -69,9 +69,10 @@ def flash_runs_on(device: torch.device) -> bool:
 def block_diagonal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              spans: torch.Tensor, scaling: float | None) -> torch.Tensor:
     """One SDPA call in which each token attends to its own span of ``spans`` only: [1, T, heads, D]."""
+    # index_fill_, not ``window[i] = 1``: assigning a number copies it from the host, which a CUDA
+    # graph capture refuses
     window = torch.zeros(query.shape[2], dtype=torch.int32, device=query.device)
-    window[spans[1:-1].long()] = 1
-    window = window.cumsum(0)
+    window = window.index_fill_(0, spans[1:-1].long(), 1).cumsum(0)
     mask = window[:, None] == window[None, :]
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
     return out.transpose(1, 2).contiguous()

@@ -31,9 +31,12 @@ class FusedLinear(nn.Module):
         if any(b is None for b in biases) and any(b is not None for b in biases):
             raise ValueError("the fused projections must all have a bias or all have none")
         self.sizes = [p.out_features for p in parts]
-        self.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
-        self.bias = None if biases[0] is None else \
-            nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
+        # not inference tensors, even when fused under inference mode (the fast path): those
+        # cannot be used once the model is moved (ComfyUI offloads it), even in inference mode
+        with torch.inference_mode(False):
+            self.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
+            self.bias = None if biases[0] is None else \
+                nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
