@@ -255,7 +255,8 @@ def section_vlm(report: Report, models: Models, args, device: torch.device) -> N
             if not fast:
                 raise
             vlm.fast_decode = False  # the later sections run with plain generate
-            report.row("vlm", "fast path FAILED (later sections use plain generate)", f"{type(exc).__name__}: {str(exc)[:300]}")
+            report.row("vlm", "fast path FAILED (later sections use plain generate)",
+                       f"{type(exc).__name__}: {str(exc)[:300]}")
             traceback.print_exc()
             return
     for label, tokens in results.items():
@@ -636,7 +637,8 @@ def main(argv: list[str] | None = None) -> None:
                 report.row("build", "SD3 medium + CLIP-L/G + T5-XXL" + (" (tiny)" if args.tiny else ""),
                            f"{params / 1e9:.3f} B parameters")
             if device.type == "cuda":
-                report.row("build", "GPU memory allocated after building", f"{torch.cuda.memory_allocated(device) / GIB:.2f} GiB")
+                report.row("build", "GPU memory allocated after building",
+                           f"{torch.cuda.memory_allocated(device) / GIB:.2f} GiB")
 
         if need_vlm or need_sd3:
             run_section(report, "build", limit("build"), build)

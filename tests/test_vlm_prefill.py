@@ -143,8 +143,8 @@ def test_gpu_prefill_and_patchify_match_transformers_and_the_processor(vlm):
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
     images = prepare_images(torch.rand(1, 3, 224, 168))
     gpu = patchify(images, vlm.image_processor, torch.device("cuda"))
-    torch.testing.assert_close(gpu["pixel_values"].cpu(), vlm.image_processor(images, return_tensors="pt")["pixel_values"],
-                               rtol=0, atol=2e-6)
+    reference = vlm.image_processor(images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(gpu["pixel_values"].cpu(), reference, rtol=0, atol=2e-6)
 
 
 def test_captured_prefill_is_captured_again_only_for_another_shape(vlm):
