@@ -541,17 +541,16 @@ def section_chain(report: Report, models: Models, args, device: torch.device) ->
     report.row("chain", "what auto chooses on a 16 / 24 / 80 GiB GPU", " / ".join(chosen), auto_16=chosen[0])
     if args.no_lowvram:
         return
-    # lowvram: compact, and the VLM and SD3 take turns on the GPU
+    # lowvram: compact, and the VLM and SD3 take turns on the GPU; as coz-zoom runs it, the VLM on
+    # its fast path (its CUDA graphs captured again after every move; measured until 2026-11-26
+    # with plain generate instead)
     turned, source = take_turns(b, QwenPromptSource(models.vlm, max_new_tokens=args.tokens), device)
-    fast = models.vlm.fast_decode
-    models.vlm.fast_decode = False  # moved weights would re-record the CUDA graphs every step
     try:
         _chain_rows(report, "lowvram (compact + VLM/SD3 take turns)", models, args, device, turned, source)
     finally:
         turned.turns.activate("sr")
         for m in turned.turns.groups["prompt"]:
             m.to(device)
-        models.vlm.fast_decode = fast
 
 
 def section_upsample(report: Report, models: Models, args, device: torch.device) -> None:
