@@ -125,7 +125,7 @@ class QwenVL:
                 "fast VLM decoding needs transformers 5.2x (GenerationConfig.max_cache_len, "
                 f"transformers.vision_utils); this is {transformers.__version__}: upgrade it or set fast_decode=False"
             )
-        length = CACHE_BUCKET * -(-(prompt_len + max_new_tokens) // CACHE_BUCKET)
+        length = _cache_length(prompt_len, max_new_tokens)
         cache, where, size = self._cache or (None, None, 0)
         if cache is None or size < length or where != self.device:
             size = max(size, length)
@@ -304,7 +304,7 @@ class QwenVL:
             return None
         from transformers import StaticCache
 
-        wanted, size = len(inputs), CACHE_BUCKET * -(-(lengths.pop() + max_new_tokens) // CACHE_BUCKET)
+        wanted, size = len(inputs), _cache_length(lengths.pop(), max_new_tokens)
         # a smaller batch (the last of a run) fills a larger decoder's with copies of its last
         # chat rather than compile one more (each answer is its own: the copies change none)
         batch = min((b for b, (_, where) in self._batches.items() if b >= wanted and where == self.device),
@@ -374,6 +374,11 @@ class QwenVL:
         output = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                      repetition_penalty=penalty, pad_token_id=pad)
         return list(output[:, length:])
+
+
+def _cache_length(prompt_len: int, max_new_tokens: int) -> int:
+    """A static cache's length for a prompt and its answer: rounded up to ``CACHE_BUCKET``."""
+    return CACHE_BUCKET * -(-(prompt_len + max_new_tokens) // CACHE_BUCKET)
 
 
 def _fast_path_supported() -> bool:
