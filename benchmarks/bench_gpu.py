@@ -243,7 +243,8 @@ def section_vlm(report: Report, models: Models, args, device: torch.device) -> N
     for label, fast, fuse in runs:
         vlm.fast_decode, vlm.fuse = fast, fuse
         if fast and vlm._step is not None and fuse != fused.is_fused(vlm.model):
-            vlm._step = None  # fused now: compiled and captured again
+            vlm.release()  # fused now: compiled and captured again
+            vlm._forward = None
         try:
             results[label] = _vlm_rows(report, vlm, label, inputs, source, request, args, device, length)
             if fast:

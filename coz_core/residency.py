@@ -8,7 +8,7 @@ of the two models, not their sum. The price is moving both every step (host <-> 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -19,11 +19,14 @@ HOST = torch.device("cpu")
 
 
 class Turns:
-    """Named groups of modules of which one at a time sits on ``device``; the others on the host."""
+    """Named groups of modules of which one at a time sits on ``device``; the others on the host.
+    ``on_leave``: per group, what drops its other device memory as it leaves (QwenVL.release)."""
 
-    def __init__(self, device: torch.device | str, groups: dict[str, list[torch.nn.Module]]) -> None:
+    def __init__(self, device: torch.device | str, groups: dict[str, list[torch.nn.Module]],
+                 on_leave: dict[str, Callable[[], None]] | None = None) -> None:
         self.device = torch.device(device)
         self.groups = groups
+        self.on_leave = on_leave or {}
         self.active: str | None = None
 
     def activate(self, name: str) -> None:
@@ -31,6 +34,8 @@ class Turns:
             return
         for other, modules in self.groups.items():
             if other != name:
+                if other in self.on_leave:
+                    self.on_leave[other]()
                 for module in modules:
                     module.to(HOST)
         if self.device.type == "cuda":
@@ -79,15 +84,18 @@ def take_turns(
     """(backbone, prompt source) that take turns on ``device``; pass them to ``run_chain``.
 
     Modules default to ``backbone.modules()`` (CoZSD3Backbone) and the prompt source's VLM model
-    (``source.vlm.model``, QwenPromptSource)."""
+    (``source.vlm.model``, QwenPromptSource); a VLM with ``release`` drops its static caches and
+    CUDA graphs each time it leaves the device."""
     if backbone_modules is None:
         if not callable(getattr(backbone, "modules", None)):
             raise TypeError(f"give the modules of the {backbone.name} backbone to move (backbone_modules)")
         backbone_modules = backbone.modules()
+    vlm = getattr(source, "vlm", None)
     if source_modules is None:
-        vlm = getattr(source, "vlm", None)
         if vlm is None:
             raise TypeError(f"give the modules of the prompt source {type(source).__name__} to move (source_modules)")
         source_modules = [vlm.model]
-    turns = Turns(device, {"sr": list(backbone_modules), "prompt": list(source_modules)})
+    release = getattr(vlm, "release", None)  # its static caches and CUDA graphs leave with it
+    turns = Turns(device, {"sr": list(backbone_modules), "prompt": list(source_modules)},
+                  on_leave={"prompt": release} if release else None)
     return _TurnBackbone(backbone, turns), _TurnSource(source, turns)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -20,10 +20,11 @@ from ..coz_core import policy
 try:  # ComfyUI puts these on the import path; nothing else of the pack imports them
     import comfy.model_management as _mm
     import comfy.model_patcher as _patcher
+    import comfy.patcher_extension as _extension
     import comfy.utils as _cutils
     import folder_paths as _folders
 except ImportError:
-    _mm = _patcher = _cutils = _folders = None
+    _mm = _patcher = _extension = _cutils = _folders = None
 
 IN_COMFY = _folders is not None
 
@@ -134,9 +135,11 @@ class _Holder(torch.nn.Module):
 
 class ManagedModule:
     """A torch module the host loads onto the compute device on demand and offloads when another
-    model needs the memory (ComfyUI: a ModelPatcher loaded with ``load_models_gpu``)."""
+    model needs the memory (ComfyUI: a ModelPatcher loaded with ``load_models_gpu``).
+    ``on_offload``: called when ComfyUI unloads it, to free device memory it does not count (the
+    VLM's static caches and CUDA graphs: QwenVL.release)."""
 
-    def __init__(self, module: torch.nn.Module, name: str = "") -> None:
+    def __init__(self, module: torch.nn.Module, name: str = "", on_offload: Callable[[], None] | None = None) -> None:
         self.module = module
         self.name = name or type(module).__name__
         self.patcher = None
@@ -144,6 +147,8 @@ class ManagedModule:
             # a holder: ModelPatcher sets `.device` on its model, a read-only property of diffusers models
             self.patcher = _patcher.ModelPatcher(_Holder(module), load_device=torch_device(),
                                                  offload_device=offload_device())
+            if on_offload is not None:
+                self.patcher.add_callback(_extension.CallbacksMP.ON_DETACH, lambda patcher, unpatch_all: on_offload())
 
     def __repr__(self) -> str:
         return f"ManagedModule({self.name})"
@@ -164,11 +169,13 @@ def load_all(models: Iterable[ManagedModule]) -> None:
 class Hosted:
     """An SR backbone or prompt source whose torch modules the host loads before every call, so it
     takes turns on the GPU with the other models; every other attribute is the wrapped object's.
-    A wrapped object with ``to(device, dtype)`` is told where its weights went."""
+    A wrapped object with ``to(device, dtype)`` is told where its weights went; ``on_offload``
+    as :class:`ManagedModule` takes it."""
 
-    def __init__(self, inner, modules: dict[str, torch.nn.Module]) -> None:
+    def __init__(self, inner, modules: dict[str, torch.nn.Module],
+                 on_offload: Callable[[], None] | None = None) -> None:
         self.inner = inner
-        self.managed = [ManagedModule(m, name) for name, m in modules.items()]
+        self.managed = [ManagedModule(m, name, on_offload) for name, m in modules.items()]
 
     def __getattr__(self, name: str):
         if name == "inner":  # not set yet (e.g. while unpickling)

@@ -53,7 +53,8 @@ class LoadVLM:
             "vlm_base" if adapter == NONE else "vlm", host.torch_device(), precision,
             vlm=host.resolve("LLM", model), adapter=None if adapter == NONE else host.resolve("LLM", adapter),
             max_new_tokens=int(max_new_tokens), load_device=host.offload_device())
-        return host.Hosted(source, {"Qwen2.5-VL": source.vlm.model}), describe_prompts(source.info)
+        hosted = host.Hosted(source, {"Qwen2.5-VL": source.vlm.model}, on_offload=source.vlm.release)
+        return hosted, describe_prompts(source.info)
 
 
 NODE_CLASS_MAPPINGS = {"CoZLoadVLM": LoadVLM}

@@ -77,6 +77,19 @@ from transformers import AutoTokenizer, CLIPTokenizer
 tok = host.host_tokenizers()
 assert CLIPTokenizer.from_pretrained(str(tok["clip_g"]))("a cat").input_ids[0] == 49406
 assert AutoTokenizer.from_pretrained(str(tok["t5"]))("a cat").input_ids[-1] == 1
+# the VLM node's model: its fast path's device memory (caches, graphs) is dropped when ComfyUI unloads it
+import tempfile
+from pathlib import Path
+from qwen_fixtures import make_tiny_qwen
+from coz_pack.nodes.vlm import LoadVLM
+llm = Path(tempfile.mkdtemp())
+make_tiny_qwen(llm / "tiny-qwen")
+folder_paths.add_model_folder_path("LLM", str(llm))
+source, _ = LoadVLM().load("tiny-qwen", "none", "fp32", 16)
+host.load_all(source.managed)
+source.vlm._cache = "device state"
+mm.unload_all_models()
+assert source.vlm._cache is None, "not released on unload"
 bar = host.Progress(3)
 bar.update(1, preview=torch.rand(1, 8, 8, 3))
 mm.interrupt_current_processing(True)
@@ -89,8 +102,8 @@ except mm.InterruptProcessingException:
 
 
 def test_host_adapter_inside_comfy():
-    """nodes/host.py with ComfyUI importable: its device, dtype, folders, tokenizers, and the
-    progress bar raising ComfyUI's interrupt."""
+    """nodes/host.py with ComfyUI importable: its device, dtype, folders, tokenizers, the VLM's
+    device memory released when ComfyUI unloads it, and the progress bar raising ComfyUI's interrupt."""
     out = subprocess.run([COMFYUI_PYTHON, "-c", HOST_PROBE, str(Path(__file__).parent)], cwd=COMFYUI_PATH,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "host ok" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]

@@ -203,7 +203,8 @@ def test_take_turns_moves_one_group_at_a_time(backbone):
     assert log == [("sr", "cpu"), ("vlm", "cpu"), ("vlm", "cpu"), ("sr", "cpu")]
 
     source = FixedPrompts("a cat")
-    source.vlm = type("VLM", (), {"model": torch.nn.Linear(2, 2)})()  # what take_turns moves by default
+    released: list = []  # what take_turns moves by default, and what drops its caches as it leaves
+    source.vlm = type("VLM", (), {"model": torch.nn.Linear(2, 2), "release": lambda self: released.append(1)})()
     turned, wrapped = take_turns(backbone, source, "cpu")
     assert turned.device == torch.device("cpu") and turned.uses_prompt and turned.size_multiple == 16
     assert turned.turns.groups["sr"] == backbone.modules() and turned.turns.groups["prompt"] == [source.vlm.model]
@@ -211,7 +212,7 @@ def test_take_turns_moves_one_group_at_a_time(backbone):
     config = ChainConfig(steps=2, size=(32, 32), color="none")
     ours = run_chain(x, turned, config, wrapped)
     torch.testing.assert_close(ours.final, run_chain(x, backbone, config, FixedPrompts("a cat")).final)
-    assert turned.turns.active == "sr"
+    assert turned.turns.active == "sr" and len(released) == 2  # the prompt group left once per step
     with pytest.raises(TypeError, match="source_modules"):
         take_turns(backbone, FixedPrompts(""), "cpu")
 

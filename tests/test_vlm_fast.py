@@ -11,6 +11,7 @@ import copy
 import logging
 import os
 import warnings
+import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -65,6 +66,21 @@ def test_fast_path_is_token_identical_to_plain_generate(vlm, backend):
     assert fast.first_fast_seconds is not None and fast._step is not None  # greedy.py's loop decoded
     if backend == "compiled":  # one compiled step kept for every later call
         assert fast._step != vlm.model.__call__
+
+
+def test_release_drops_caches_and_decoders_but_keeps_the_compiled_forward(vlm):
+    # what ComfyUI's unload and the lowvram turns call: the device memory the fast path keeps beyond
+    # the weights is freed at once (nothing else holds the decoders), and nothing compiles again
+    fast = replace(vlm, fast_decode=True, compile_backend="eager", _compile_config=None, _cache=None, _step=None)
+    one, chats = _inputs(vlm, 0), [_inputs(vlm, seed) for seed in (0, 1)]
+    ids, answers = fast.generate_ids(one, 12), fast.generate_batch(chats, 12)
+    forward, kept = fast._forward, [weakref.ref(fast._step), weakref.ref(fast._batches[2][0]),
+                                    weakref.ref(fast._cache[0])]
+    fast.release()
+    assert fast._cache is None and fast._step is None and fast._batches == {}
+    assert all(ref() is None for ref in kept)  # freed without a garbage collection
+    assert torch.equal(fast.generate_ids(one, 12), ids) and fast.generate_batch(chats, 12) == answers
+    assert fast._forward is forward and fast._step is not None
 
 
 def test_the_first_fast_prompt_announces_its_one_time_compilation(vlm, caplog):

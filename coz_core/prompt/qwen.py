@@ -34,6 +34,7 @@ resized there, to Pillow's exact pixels (``pillow_resize.py``), and patchified (
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import json
 import logging
@@ -101,6 +102,7 @@ class QwenVL:
     _compile_config: Any = field(default=None, repr=False)
     _cache: Any = field(default=None, repr=False)  # (StaticCache, its device, its length)
     _step: Any = field(default=None, repr=False)  # greedy.GreedyDecoder of the static cache
+    _forward: Any = field(default=None, init=False, repr=False)  # the compiled one-token forward of every decoder
     _batches: dict = field(default_factory=dict, init=False, repr=False)  # batch size -> (GreedyDecoder, device)
     _ids: dict = field(default_factory=dict, repr=False)  # token ids per (system, image tokens)
 
@@ -160,8 +162,21 @@ class QwenVL:
         return next(self.model.parameters()).dtype
 
     def to(self, device: torch.device | str) -> "QwenVL":
+        if torch.device(device) != self.device:
+            self.release()
         self.model.to(device)
         return self
+
+    def release(self) -> None:
+        """Drop what the fast path keeps on the device besides the weights: static caches, decoder
+        buffers, CUDA graphs and captured prefills. For when the model leaves the device (ComfyUI
+        offloading it, the lowvram preset's turns): a model manager counts the weights only, and the
+        next call on the device captures again anyway (the weights come back at new addresses). The
+        compiled forward is kept: nothing compiles again."""
+        if self._cache is None and self._step is None and not self._batches:
+            return
+        self._cache, self._step, self._batches = None, None, {}
+        gc.collect()  # torch.compile's tracing leaves cycles that hold the first cache
 
     def inputs(self, images: list[SizedImage], system: str) -> dict[str, torch.Tensor]:
         """Model inputs for one chat: token ids with every image's placeholder expanded, pixels.
@@ -277,10 +292,9 @@ class QwenVL:
         capture = self.device.type == "cuda" and self.backend is not None
         if capture and self.fuse:
             fuse_projections(self.model)  # before the step is compiled
-        known = self._step or next((decoder for decoder, _ in self._batches.values()), None)
-        forward = known.forward if known is not None else \
-            greedy.compile_step(self.model, self.backend, graphs_by_caller=capture)
-        return greedy.GreedyDecoder(self.model, cache, length, forward, capture=capture, batch=batch)
+        if self._forward is None:
+            self._forward = greedy.compile_step(self.model, self.backend, graphs_by_caller=capture)
+        return greedy.GreedyDecoder(self.model, cache, length, self._forward, capture=capture, batch=batch)
 
     def _device_current(self) -> contextlib.AbstractContextManager:
         """The model's CUDA device made current: CUDA streams, graphs and compiled kernels go there."""
