@@ -211,7 +211,7 @@ SD3_PRESETS = (*SD3_PRECISIONS, *SD3_SPEED_PRESETS)  # what the CLI and the SD3 
 
 # ``auto`` on a CUDA GPU fits every model, Qwen2.5-VL-3B (bf16) beside SD3, into the card: the
 # first tier whose floor the card's total memory reaches. Measured all-resident peaks (bench_gpu.py,
-# H200, T5 in float8): auto 19.0 GiB, compact 15.4 GiB, lowvram 9.2 GiB; a T5 file in float16
+# H200, T5 in float8): auto 19.2 GiB, compact 15.6 GiB, lowvram 8.2 GiB; a T5 file in float16
 # would add 4.4 GiB to auto, so below 32 GiB T5 is stored in float8 whatever the file holds.
 AUTO_MEMORY_TIERS = ((32.0, "auto"), (22.0, "auto+t5fp8"), (15.0, "compact"), (0.0, "lowvram"))
 
