@@ -68,7 +68,8 @@ class LivePeak(TorchDispatchMode):
         return out
 
 
-def build(component: str, dtype: torch.dtype, device: str, depth: int | None = None, fp8: bool = False) -> torch.nn.Module:
+def build(component: str, dtype: torch.dtype, device: str, depth: int | None = None,
+          fp8: bool = False) -> torch.nn.Module:
     """A full-width component with random weights (``depth`` blocks for transformer/T5 when given)."""
     cfg = read_config(component)
     if depth is not None:
@@ -129,12 +130,15 @@ def bench_transformer(size: int, dtype, device, depth: int | None, fp8: bool = F
     seq = torch.randn(1, 589, 4096, device=device, dtype=dtype)
     pooled = torch.randn(1, 2048, device=device, dtype=dtype)
     t = torch.full((1,), 1000.0, device=device, dtype=dtype)
-    seconds, peak = measure(lambda: model(hidden_states=z, timestep=t, encoder_hidden_states=seq,
+    # F821 is silenced below: a ruff false positive for a closure over a name deleted afterwards
+    # (astral-sh/ruff#9858); the lambdas here and below run inside measure(), before the del
+    seconds, peak = measure(lambda: model(hidden_states=z, timestep=t, encoder_hidden_states=seq,  # noqa: F821
                                           pooled_projections=pooled, return_dict=False), device, repeats=3)
     del model
     gc.collect()
     # the embeddings cost well under 2% of a block, so time scales with the block count
-    return seconds * read_config("transformer")["num_layers"] / (depth or read_config("transformer")["num_layers"]), peak
+    return (seconds * read_config("transformer")["num_layers"] / (depth or read_config("transformer")["num_layers"]),
+            peak)
 
 
 def bench_vae(size: int, dtype, device) -> tuple[float, int]:
@@ -142,8 +146,8 @@ def bench_vae(size: int, dtype, device) -> tuple[float, int]:
     x = torch.rand(1, 3, size, size, device=device, dtype=dtype) * 2 - 1
     z = torch.randn(1, 16, size // 8, size // 8, device=device, dtype=dtype)
     slow = device != "cuda"  # full-resolution convolutions on CPU: skip the warm-up call
-    enc = measure(lambda: vae.encode(x).latent_dist.mean, device, warmup=not slow)
-    dec = measure(lambda: vae.decode(z, return_dict=False)[0], device, warmup=not slow)
+    enc = measure(lambda: vae.encode(x).latent_dist.mean, device, warmup=not slow)  # noqa: F821 (see above)
+    dec = measure(lambda: vae.decode(z, return_dict=False)[0], device, warmup=not slow)  # noqa: F821
     del vae
     return enc[0] + dec[0], max(enc[1], dec[1])
 
@@ -154,19 +158,20 @@ def bench_text(component: str, dtype, device, depth: int | None, fp8: bool = Fal
     if component == "t5":
         ids = torch.randint(0, 32000, (1, 512), device=device)
         model = build(component, dtype, device, depth=depth, fp8=fp8)
-        s, p = measure(lambda: model(ids), device, repeats=2)
+        s, p = measure(lambda: model(ids), device, repeats=2)  # noqa: F821 (see bench_transformer)
         s = s * full / (depth or full)
     else:
         ids = torch.randint(0, 49000, (1, 77), device=device)
         model = build(component, dtype, device)
-        s, p = measure(lambda: model(ids, output_hidden_states=True), device, repeats=2)
+        s, p = measure(lambda: model(ids, output_hidden_states=True), device, repeats=2)  # noqa: F821
     del model
     return s, p
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="process sizes (default: 128 256 on CPU, 512 on CUDA)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help="process sizes (default: 128 256 on CPU, 512 on CUDA)")
     parser.add_argument("--full", action="store_true", help="full-depth transformer and T5 (needs ~5 GB / ~10 GB)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
@@ -205,7 +210,8 @@ def main() -> None:
         rows.append((0, label, *fn()))
         gc.collect()
 
-    print(f"\nPer call on {device} ({'full depth' if args.full else 'full width; transformer/T5 time scaled from 2 blocks'}):")
+    print(f"\nPer call on {device} "
+          f"({'full depth' if args.full else 'full width; transformer/T5 time scaled from 2 blocks'}):")
     print(f"  {'size':>5s}  {'component':24s} {'seconds':>9s} {'activation peak':>16s}")
     for size, label, s, peak in rows:
         print(f"  {size or '-':>5}  {label:24s} {s:9.2f} {peak / GIB:13.3f} GiB")
@@ -246,7 +252,8 @@ def main() -> None:
         act = max(act_t, act_vae, act_text)
         total = w + act + overhead
         print(f"  {label:55s} {w / GIB:7.2f} G {act / GIB:8.2f} G {total / GIB:7.2f} G")
-        results["budget_512"].append({"config": label, "weights_bytes": w, "activation_bytes": act, "total_bytes": total})
+        results["budget_512"].append({"config": label, "weights_bytes": w, "activation_bytes": act,
+                                      "total_bytes": total})
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -83,7 +83,8 @@ def add_model_arguments(p: argparse.ArgumentParser, unit: str, tokens: int, text
                    "auto keeps the VAE in fp32 as the reference; reference: upstream's own precision bit for "
                    "bit, slower; fast: bf16 VAE, compiled; compact: fast with fp8 transformer and T5; "
                    "lowvram: compact, the VLM and SD3 take turns on the GPU")
-    p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N, mps (default: first CUDA GPU, else CPU)")
+    p.add_argument("--device", default=None,
+                   help="torch device: cpu, cuda, cuda:N, mps (default: first CUDA GPU, else CPU)")
     p.add_argument("--seed", type=int, default=42, help="seed for sampling backbones (default 42, as the reference)")
 
     sd3 = p.add_argument_group("CoZ one-step SD3 backbone (replaces --backbone)")
@@ -238,13 +239,13 @@ def make_strip(result: ChainResult, height: int = 256) -> torch.Tensor:
         img = step.image[:1].clone().cpu()
         nxt = result.steps[i + 1] if i + 1 < len(result.steps) else None
         if nxt is not None and nxt.crop is not None and result.config.mode not in ("onestep", "bicubic", "nearest"):
-            l, t, r, b = nxt.crop
+            x0, y0, x1, y1 = nxt.crop
             color = torch.tensor([1.0, 0.85, 0.0]).view(1, 3, 1, 1)
             lw = max(1, img.shape[-1] // 128)
-            img[..., t:b, l:l + lw] = color
-            img[..., t:b, r - lw:r] = color
-            img[..., t:t + lw, l:r] = color
-            img[..., b - lw:b, l:r] = color
+            img[..., y0:y1, x0:x0 + lw] = color
+            img[..., y0:y1, x1 - lw:x1] = color
+            img[..., y0:y0 + lw, x0:x1] = color
+            img[..., y1 - lw:y1, x0:x1] = color
         w = round(img.shape[-1] * height / img.shape[-2])
         tiles.append(resize(img, (height, w), "bicubic").clamp(0, 1))
         tiles.append(torch.ones(1, 3, height, 4))

@@ -6,7 +6,8 @@ two conversions below are the only place that layout changes.
 The resampler reproduces Pillow's ``Image.resize`` (its coefficient maths in
 ``libImaging/Resample.c``) on float data (bilinear and bicubic through torch's antialiased
 ``interpolate``, which implements the same filters; Lanczos, nearest and sub-pixel boxes by
-hand): the CoZ reference resizes with PIL's Lanczos and bicubic (Keys a = -0.5, antialiased when shrinking), which torch's interpolate does not match.
+hand): the CoZ reference resizes with PIL's Lanczos and bicubic (Keys a = -0.5, antialiased
+when shrinking), which torch's interpolate does not match.
 """
 from __future__ import annotations
 

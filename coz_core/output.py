@@ -1,4 +1,5 @@
-"""Where ``coz-zoom`` and ``coz-upscale`` write, checked before any compute, and each input's results written atomically.
+"""Where ``coz-zoom`` and ``coz-upscale`` write, checked before any compute, and each input's
+results written atomically.
 
 - One folder per input, named after its stem (``photo.png`` -> ``OUT/photo/``). When two inputs of
   one run share a stem (``photo.png`` and ``photo.jpg``), each gets its stem and suffix instead

@@ -456,10 +456,10 @@ class _Run:
         h, w = rgb.shape[-2:]
         left, top, right, bottom = rec.tile.box
         c = cfg.context
-        l, t = max(left // factor - c, 0), max(top // factor - c, 0)
-        r, btm = min(right // factor + c, w), min(bottom // factor + c, h)
-        region = rgb[..., t:btm, l:r]
-        zoomed = enlarge(rgb, factor, (l * factor, t * factor, r * factor, btm * factor))
+        x0, y0 = max(left // factor - c, 0), max(top // factor - c, 0)  # the tile and its context, in rgb
+        x1, y1 = min(right // factor + c, w), min(bottom // factor + c, h)
+        region = rgb[..., y0:y1, x0:x1]
+        zoomed = enlarge(rgb, factor, (x0 * factor, y0 * factor, x1 * factor, y1 * factor))
         seed = None if cfg.seed is None else cfg.seed + k
         with torch.no_grad():
             out = self.backbone(SRRequest(region, zoomed, [rec.prompt], seed=seed))
@@ -468,7 +468,7 @@ class _Run:
                                f"{tuple(zoomed.shape)}")
         # colour-fixed with the context, then cropped to the tile
         out = align_color(out.float().clamp(0, 1).cpu(), zoomed, cfg.color)
-        oy, ox = top - t * factor, left - l * factor
+        oy, ox = top - y0 * factor, left - x0 * factor
         crop = (slice(oy, oy + bottom - top), slice(ox, ox + right - left))
         return out[..., crop[0], crop[1]]
 
@@ -523,7 +523,8 @@ def upscale_image(
     for b in range(batch):
         rgb = rgb_all[b:b + 1]
         short = min(h, w)  # the zoom-out view: the original at context_size short side (upstream)
-        context = resize(rgb, (max(1, int(h * config.context_size / short)), max(1, int(w * config.context_size / short))),
+        context = resize(rgb, (max(1, int(h * config.context_size / short)),
+                               max(1, int(w * config.context_size / short))),
                          "lanczos").clamp(0, 1)
         for k, factor in enumerate(passes):
             last = k == len(passes) - 1

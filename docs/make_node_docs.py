@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_pack():
-    spec = importlib.util.spec_from_file_location("coz_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    spec = importlib.util.spec_from_file_location("coz_pack", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
     module = importlib.util.module_from_spec(spec)
     sys.modules["coz_pack"] = module
     spec.loader.exec_module(module)

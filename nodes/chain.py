@@ -39,8 +39,8 @@ class ZoomChain:
                                        "(direct SR); bicubic / nearest: no model, for comparison."}),
                 **zoom_inputs(),
                 "color": (list(COLOR_METHODS), {"default": "wavelet", "tooltip":
-                                                "Colour alignment after every SR step (against colour drift): wavelet, adain, "
-                                                "bilateral (edge-aware) or none (the reference)."}),
+                                                "Colour alignment after every SR step (against colour drift): "
+                                                "wavelet, adain, bilateral (edge-aware) or none (the reference)."}),
                 "user_prompt": ("STRING", {"default": "", "multiline": True, "tooltip":
                                            "Your own words, appended to every step's prompt."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip":

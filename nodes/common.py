@@ -7,7 +7,8 @@ from ..coz_core.imageops import resize, to_bchw, to_bhwc
 
 CATEGORY = "CoZ"
 # sub-categories of the node menu, one per family
-LOADERS, STEPS, CHAIN, UPSCALING = f"{CATEGORY}/loaders", f"{CATEGORY}/steps", f"{CATEGORY}/chain", f"{CATEGORY}/upscaling"
+LOADERS, STEPS, CHAIN, UPSCALING = (f"{CATEGORY}/loaders", f"{CATEGORY}/steps", f"{CATEGORY}/chain",
+                                    f"{CATEGORY}/upscaling")
 VIDEO = f"{CATEGORY}/video"
 
 # socket types of the pack (prefixed so they never meet another pack's or ComfyUI's own types)

@@ -68,8 +68,8 @@ class ZoomLoopStart:
             "optional": {
                 "mask": ("MASK", {"tooltip": "A mask or depth map (0..1) of the input image to carry through "
                                              "the zoom: crop it with 'mask_region', upsample it in the body "
-                                             "and give it to Zoom Loop End's 'mask'. Load Image's empty 64x64 mask (an image "
-                                             "without alpha) counts as no mask."}),
+                                             "and give it to Zoom Loop End's 'mask'. Load Image's empty 64x64 "
+                                             "mask (an image without alpha) counts as no mask."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID", "state": (ZOOM_LOOP,)},
         }

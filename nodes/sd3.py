@@ -58,14 +58,17 @@ class LoadCoZSD3:
             "required": {
                 "sd3": (sd3_sources(), {"tooltip": "SD3 medium: a folder in models/diffusers or "
                                                    "sd3_medium.safetensors in models/checkpoints."}),
-                "coz_lora": ([NONE] + loras, {"tooltip": "CoZ's SR LoRA (model_20001.pkl or its .safetensors) in models/coz, "
-                                              "or Wan2GP's CoZ_sd3_medium_srlora_bf16.safetensors (replaces SD3's "
-                                              "transformer). none = plain SD3 (for comparisons only)."}),
-                "coz_vae_encoder": ([NONE] + vae_encoders, {"tooltip": "CoZ's VAE encoder (vae_encoder_20001.pt or its .safetensors) "
-                                                     "in models/coz, or Wan2GP's CoZ_sd3_vae_srlora_bf16.safetensors "
-                                                     "(replaces SD3's VAE)."}),
-                "clip_l": (text, {"tooltip": "CLIP-L text encoder file (models/text_encoders), or the SD3 model's own."}),
-                "clip_g": (text, {"tooltip": "CLIP-G text encoder file (models/text_encoders), or the SD3 model's own."}),
+                "coz_lora": ([NONE] + loras, {"tooltip": "CoZ's SR LoRA (model_20001.pkl or its .safetensors) "
+                                              "in models/coz, or Wan2GP's CoZ_sd3_medium_srlora_bf16.safetensors "
+                                              "(replaces SD3's transformer). none = plain SD3 (for comparisons "
+                                              "only)."}),
+                "coz_vae_encoder": ([NONE] + vae_encoders, {"tooltip": "CoZ's VAE encoder (vae_encoder_20001.pt "
+                                                     "or its .safetensors) in models/coz, or Wan2GP's "
+                                                     "CoZ_sd3_vae_srlora_bf16.safetensors (replaces SD3's VAE)."}),
+                "clip_l": (text, {"tooltip": "CLIP-L text encoder file (models/text_encoders), "
+                                             "or the SD3 model's own."}),
+                "clip_g": (text, {"tooltip": "CLIP-G text encoder file (models/text_encoders), "
+                                             "or the SD3 model's own."}),
                 "t5": (text, {"tooltip": "T5-XXL text encoder file (models/text_encoders), or the SD3 model's own."}),
                 "use_t5": ("BOOLEAN", {"default": True, "tooltip":
                                        "Off: no T5 (saves ~10 GB; SD3 gets zeros in its place)."}),
@@ -75,12 +78,13 @@ class LoadCoZSD3:
                 "precision": (list(policy.SD3_PRESETS), {"default": "auto", "tooltip":
                                                          "auto (the pack's one policy, as on the command line): "
                                                          "transformer bf16 (fp16 on older GPUs and MPS, fp32 on "
-                                                         "CPUs without native bf16), VAE fp32 as the reference, CLIPs fp16 on "
-                                                         "GPUs, T5 bf16; on GPUs under 32 GiB T5 in fp8, under 22 GiB "
-                                                         "compact, under 15 GiB lowvram (the console says which). "
-                                                         "fp32 / bf16 / fp16: every part in that "
-                                                         "dtype (T5 never in fp16: it overflows). reference: upstream's "
-                                                         "arithmetic bit for bit (slower). fast: bf16 VAE (fp32 "
+                                                         "CPUs without native bf16), VAE fp32 as the reference, "
+                                                         "CLIPs fp16 on GPUs, T5 bf16; on GPUs under 32 GiB T5 in "
+                                                         "fp8, under 22 GiB compact, under 15 GiB lowvram (the "
+                                                         "console says which). fp32 / bf16 / fp16: every part in that "
+                                                         "dtype (T5 never in fp16: it overflows). "
+                                                         "reference: upstream's arithmetic bit for bit (slower). "
+                                                         "fast: bf16 VAE (fp32 "
                                                          "without bf16), compiled on CUDA where Triton is installed "
                                                          "(on Windows: triton-windows). compact: fast with fp8 "
                                                          "transformer, CLIPs and T5 (every model within 16 GiB with "

@@ -63,7 +63,8 @@ class UpscaleModelToSR:
     def adapt(self, upscale_model, tile):
         # a spandrel ImageModelDescriptor: callable, its weights in .model, its factor in .scale
         weights = getattr(upscale_model, "model", None)
-        if not callable(upscale_model) or not isinstance(weights, torch.nn.Module) or not hasattr(upscale_model, "scale"):
+        if (not callable(upscale_model) or not isinstance(weights, torch.nn.Module)
+                or not hasattr(upscale_model, "scale")):
             raise TypeError(f"expected an UPSCALE_MODEL from Load Upscale Model, got {type(upscale_model).__name__}")
         # shared with other nodes (e.g. Upscale Image (using Model)): keep its dtype and layout, move
         # it to the compute device only while it runs, as ComfyUI's own upscale node does

@@ -37,10 +37,12 @@ class LoadVLM:
             "required": {
                 "model": (folders, {"tooltip": "A Qwen2.5-VL folder in models/LLM."}),
                 "adapter": ([NONE] + sorted(adapters), {"tooltip":
-                                                        "CoZ's GRPO prompt adapter (copy ckpt/VLM_LoRA/checkpoint-10000 "
-                                                        "into models/LLM): prompt type vlm, as in the paper; or another "
-                                                        "PEFT LoRA folder there. Merged in completely (for either "
-                                                        "transformers layout) or refused. none: plain Qwen (vlm_base)."}),
+                                                        "CoZ's GRPO prompt adapter (copy "
+                                                        "ckpt/VLM_LoRA/checkpoint-10000 into models/LLM): "
+                                                        "prompt type vlm, as in the paper; or another PEFT "
+                                                        "LoRA folder there. Merged in completely (for either "
+                                                        "transformers layout) or refused. none: plain Qwen "
+                                                        "(vlm_base)."}),
                 "precision": (list(policy.PRECISIONS), {"default": "auto", "tooltip": PRECISION_TOOLTIP}),
                 "max_new_tokens": ("INT", {"default": policy.VLM_TOKENS, "min": 8, "max": 1024, "tooltip":
                                            "Longest answer in tokens (CoZ's current code: 32; its first "

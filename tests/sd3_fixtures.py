@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, convert_sd3_transformer_checkpoint_to_diffusers
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_vae_checkpoint, convert_sd3_transformer_checkpoint_to_diffusers,
+)
 from peft import LoraConfig
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors

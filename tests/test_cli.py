@@ -33,7 +33,8 @@ def test_folder_with_odd_files(tmp_path, capsys):
     Image.fromarray((np.arange(40 * 50).reshape(40, 50) % 65536).astype(np.uint16)).save(src / "deep.png")
     (src / "broken.png").write_bytes(b"\x89PNG not really")
     (src / "readme.txt").write_text("ignored")
-    rc = main([str(src), "-o", str(tmp_path / "out"), "--mode", "nearest", "--size", "32x48", "--steps", "2", "--quiet"])
+    rc = main([str(src), "-o", str(tmp_path / "out"), "--mode", "nearest", "--size", "32x48", "--steps", "2",
+               "--quiet"])
     assert rc == 1  # one input failed, the others were written
     assert "broken.png" in capsys.readouterr().err
     assert Image.open(tmp_path / "out" / "small" / "scale_2.png").size == (32, 48)
@@ -125,7 +126,8 @@ def test_cli_prompt_type_vlm_merges_the_grpo_adapter(tmp_path, tmp_path_factory,
 
 @pytest.mark.parametrize("args,message", [
     (["--prompt-type", "vlm", "--vlm", "."], "'vlm' is Qwen2.5-VL with CoZ's GRPO prompt adapter.*--vlm-adapter"),
-    (["--prompt-type", "vlm_base", "--vlm", ".", "--vlm-adapter", "."], "'vlm_base' is the plain.*leave the adapter out"),
+    (["--prompt-type", "vlm_base", "--vlm", ".", "--vlm-adapter", "."],
+     "'vlm_base' is the plain.*leave the adapter out"),
     (["--prompt-type", "vlm_base"], "needs a Qwen2.5-VL-Instruct folder.*--vlm"),
     (["--vlm-adapter", "missing"], "'vlm' needs a Qwen2.5-VL-Instruct folder"),
     (["--prompt-type", "vlm", "--vlm", ".", "--vlm-adapter", "missing"], "missing is not a PEFT adapter folder"),

@@ -277,7 +277,8 @@ TINY_VLM = {"model": "qwen-tiny", "precision": "fp32", "max_new_tokens": 8}
 RUN_SETTINGS = {
     "CoZ 1 - Offline zoom (Real-ESRGAN)": {"3": {"width": 64, "height": 64, "steps": 2}},
     "CoZ 2 - Zoom loop (SD3 and Qwen)": {"2": TINY_SD3, "3": TINY_VLM, "4": {"width": 64, "height": 64, "steps": 2}},
-    "CoZ 3 - All-in-one zoom (SD3 and Qwen)": {"2": TINY_SD3, "3": TINY_VLM, "4": {"width": 64, "height": 64, "steps": 2}},
+    "CoZ 3 - All-in-one zoom (SD3 and Qwen)": {"2": TINY_SD3, "3": TINY_VLM,
+                                               "4": {"width": 64, "height": 64, "steps": 2}},
     "CoZ 4 - Mask through the zoom": {"4": {"width": 64, "height": 64, "steps": 2}, "7": {"fit_steps": 5}},
     "CoZ 6 - Zoom video": {"3": {"width": 64, "height": 64, "steps": 2}, "4": {"frames_per_step": 4}},
 }
@@ -365,6 +366,7 @@ def test_ui_workflows_load_in_the_frontend(server, tmp_path):
         # reaches nothing outside the local server, so those requests (and only those) fail
         errors = [e for e in result["errors"] if not e.startswith("Error fetching file size")]
         assert errors == [], f"{path}: console errors {errors}"
-        if Path(path).stem in ("CoZ 2 - Zoom loop (SD3 and Qwen)", "CoZ 3 - All-in-one zoom (SD3 and Qwen)"):  # they name their model files
+        # these two name their model files
+        if Path(path).stem in ("CoZ 2 - Zoom loop (SD3 and Qwen)", "CoZ 3 - All-in-one zoom (SD3 and Qwen)"):
             assert len(errors) < len(result["errors"]), "the missing-models dialog did not look at the models"
         assert result["nodes"] == len(json.loads(Path(path).read_text())["nodes"])

@@ -85,7 +85,8 @@ def upstream_encode_prompt(pipe, prompt: str):
     ids = pipe.tokenizer([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     e1 = pipe.text_encoder(ids, output_hidden_states=True)
     pool1, h1 = e1[0].to(dtype), e1.hidden_states[-2].to(dtype)
-    ids = pipe.tokenizer_2([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = pipe.tokenizer_2([prompt], padding="max_length", max_length=77, truncation=True,
+                           return_tensors="pt").input_ids
     e2 = pipe.text_encoder_2(ids, output_hidden_states=True)
     pool2, h2 = e2[0].to(dtype), e2.hidden_states[-2].to(dtype)
     ids = pipe.tokenizer_3([prompt], padding="max_length", max_length=512, truncation=True, add_special_tokens=True,
@@ -173,8 +174,8 @@ def test_reference_step_matches_upstream(upstream, ours, tiny):
     with torch.no_grad():
         seq, pooled = upstream_encode_prompt(pipe, PROMPT)
         z = vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor
-        v = transformer(hidden_states=z, timestep=pipe.scheduler.timesteps[0].expand(1), encoder_hidden_states=seq.float(),
-                        pooled_projections=pooled.float(), return_dict=False)[0]
+        v = transformer(hidden_states=z, timestep=pipe.scheduler.timesteps[0].expand(1),
+                        encoder_hidden_states=seq.float(), pooled_projections=pooled.float(), return_dict=False)[0]
         want = (vae.decode((z - v) / vae.config.scaling_factor + vae.config.shift_factor).sample.clamp(-1, 1) + 1) / 2
         got = ours(SRRequest(x, x, [PROMPT]))
     # the VAE encoder LoRA is merged (PEFT computes it unmerged): float32 rounding only

@@ -39,7 +39,8 @@ def reference_step(tiny: TinySD3, x01: torch.Tensor, prompts: list[str], noise: 
     """The reference formula written out with diffusers' own SD3 prompt encoding and a PEFT VAE."""
     parts = tiny.parts
     pipe = StableDiffusion3Pipeline(
-        transformer=hooked_transformer(tiny), scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(tiny.folder / "scheduler"),
+        transformer=hooked_transformer(tiny),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(tiny.folder / "scheduler"),
         vae=tiny.peft_vae, text_encoder=parts["clip_l"], tokenizer=_tok(tiny, "tokenizer"),
         text_encoder_2=parts["clip_g"], tokenizer_2=_tok(tiny, "tokenizer_2"), text_encoder_3=parts["t5"],
         tokenizer_3=_tok(tiny, "tokenizer_3"))
@@ -74,8 +75,8 @@ def test_merged_lora_equals_unmerged_computation(tiny):
     hooked = hooked_transformer(tiny)
     g = torch.Generator().manual_seed(3)
     args = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([1000.0]),
-                encoder_hidden_states=torch.randn(1, 20, 32, generator=g), pooled_projections=torch.randn(1, 24, generator=g),
-                return_dict=False)
+                encoder_hidden_states=torch.randn(1, 20, 32, generator=g),
+                pooled_projections=torch.randn(1, 24, generator=g), return_dict=False)
     with torch.no_grad():
         a, b, c = merged(**args)[0], hooked(**args)[0], base(**args)[0]
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -129,7 +130,8 @@ def test_single_files_match_the_folder(tiny, backbone, layout):
         model = CoZSD3Backbone.from_files(tiny.single_clips, tiny.lora_pkl, tiny.vae_pt, t5=tiny.t5, **kw)
     else:
         model = CoZSD3Backbone.from_files(tiny.single_fp8, tiny.lora_pkl, tiny.vae_pt, **kw)  # fp8 kept: t5_fp8=None
-        assert model.text_encoder.models["t5"].encoder.block[0].layer[0].SelfAttention.q.stored_weight.dtype == torch.float8_e4m3fn
+        assert (model.text_encoder.models["t5"].encoder.block[0].layer[0].SelfAttention.q.stored_weight.dtype
+                == torch.float8_e4m3fn)
     x = images(2)
     ours, ref = model(SRRequest(x, x, PROMPTS)), backbone(SRRequest(x, x, PROMPTS))
     if layout == "fp8":  # T5 weights rounded to float8: close, not equal
@@ -141,9 +143,10 @@ def test_single_files_match_the_folder(tiny, backbone, layout):
 def test_without_t5_and_with_precomputed_embeddings(tiny, backbone):
     no_t5 = CoZSD3Backbone.from_files(tiny.folder, tiny.lora_pkl, tiny.vae_pt, precision=FP32, latent_mode="mean",
                                       text_encoders=("clip_l", "clip_g"))
-    pipe = StableDiffusion3Pipeline(transformer=backbone.transformer, scheduler=None, vae=None, text_encoder=tiny.parts["clip_l"],
-                                    tokenizer=_tok(tiny, "tokenizer"), text_encoder_2=tiny.parts["clip_g"],
-                                    tokenizer_2=_tok(tiny, "tokenizer_2"), text_encoder_3=None, tokenizer_3=None)
+    pipe = StableDiffusion3Pipeline(transformer=backbone.transformer, scheduler=None, vae=None,
+                                    text_encoder=tiny.parts["clip_l"], tokenizer=_tok(tiny, "tokenizer"),
+                                    text_encoder_2=tiny.parts["clip_g"], tokenizer_2=_tok(tiny, "tokenizer_2"),
+                                    text_encoder_3=None, tokenizer_3=None)
     with torch.no_grad():
         embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=False,
                                                   max_sequence_length=512)
@@ -181,7 +184,8 @@ def test_repeated_prompts_are_encoded_once(tiny, backbone):
 
 def test_reduced_precision_runs_close(tiny, backbone):
     bf16 = CoZSD3Backbone.from_files(tiny.folder, tiny.lora_pkl, tiny.vae_pt, latent_mode="mean",
-                                     precision=SD3Precision(torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16))
+                                     precision=SD3Precision(torch.bfloat16, torch.bfloat16, torch.bfloat16,
+                                                            torch.bfloat16))
     x = images(1)
     out = bf16(SRRequest(x, x, PROMPTS[:1]))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()

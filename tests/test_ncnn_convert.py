@@ -118,7 +118,8 @@ def test_float32_weights_read_like_float16(compact_copy, tmp_path):
     out = bytearray()
     for layer, arrays in model.weights:
         if layer.type == "Convolution":
-            out += struct.pack("<I", 0) + arrays["weight"].astype("<f4").tobytes() + arrays["bias"].astype("<f4").tobytes()
+            out += (struct.pack("<I", 0) + arrays["weight"].astype("<f4").tobytes()
+                    + arrays["bias"].astype("<f4").tobytes())
         else:
             out += arrays["slope"].astype("<f4").tobytes()
     fp32_bin = tmp_path / "fp32.bin"

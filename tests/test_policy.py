@@ -42,7 +42,8 @@ def test_sd3_presets():
     fp32 = policy.sd3_precision("fp32", CPU)
     assert {fp32.transformer, fp32.vae, fp32.text, fp32.t5} == {torch.float32}
     fp16 = policy.sd3_precision("fp16", CPU)
-    assert fp16.transformer == fp16.vae == fp16.text == torch.float16 and fp16.t5 == torch.bfloat16  # T5 overflows in fp16
+    # T5 overflows in fp16
+    assert fp16.transformer == fp16.vae == fp16.text == torch.float16 and fp16.t5 == torch.bfloat16
     with pytest.raises(ValueError, match="preset"):
         policy.sd3_precision("turbo", CPU)
 

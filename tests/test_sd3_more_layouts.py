@@ -110,7 +110,8 @@ def test_wan2gp_files_equal_the_originals_merged_at_bf16(tiny, wan_files):
     bfloat16 rounding (the pack merges into SD3's weights after casting them; Wan2GP merged in float32)."""
     wan = CoZSD3Backbone.from_files(tiny.folder, *wan_files, text_encoders=(), precision=FP32)
     ours = CoZSD3Backbone.from_files(tiny.folder, tiny.lora_pkl, tiny.vae_pt, text_encoders=(), precision=FP32)
-    for a, b in ((wan.transformer.state_dict(), ours.transformer.state_dict()), (wan.vae.state_dict(), ours.vae.state_dict())):
+    for a, b in ((wan.transformer.state_dict(), ours.transformer.state_dict()),
+                 (wan.vae.state_dict(), ours.vae.state_dict())):
         assert set(a) == set(b)
         for k in a:
             if k != "pos_embed.pos_embed":

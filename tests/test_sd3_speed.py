@@ -58,7 +58,8 @@ def test_bf16_vae_difference_is_small(tiny, backbone):
     """The ``fast`` preset's bf16 VAE against float32 (everything else float32): measured here on the
     tiny model, at full size in benchmarks/bench_gpu.py."""
     bf16_vae = CoZSD3Backbone.from_files(tiny.folder, tiny.lora_pkl, tiny.vae_pt, latent_mode="mean",
-                                         precision=SD3Precision(torch.float32, torch.bfloat16, torch.float32, torch.float32))
+                                         precision=SD3Precision(torch.float32, torch.bfloat16, torch.float32,
+                                                                torch.float32))
     x = _image()
     ref = backbone(SRRequest(x, x, PROMPT))
     out = bf16_vae(SRRequest(x, x, PROMPT))
@@ -70,7 +71,8 @@ def test_compiled_backbone_gives_the_same_step(tiny, backbone, caplog):
     compiled = CoZSD3Backbone.from_files(tiny.folder, tiny.lora_pkl, tiny.vae_pt, precision=FP32, latent_mode="mean")
     with caplog.at_level(logging.INFO, logger="coz_core"):
         compiled.enable_compile(backend="eager")
-    assert [r.getMessage() for r in caplog.records if "compiled on first use" in r.getMessage()]  # the wait is announced
+    # the wait is announced
+    assert [r.getMessage() for r in caplog.records if "compiled on first use" in r.getMessage()]
     assert compiled.compiled and not backbone.compiled
     x = _image()
     torch.testing.assert_close(compiled(SRRequest(x, x, PROMPT)), backbone(SRRequest(x, x, PROMPT)),
@@ -240,7 +242,8 @@ def test_a_preset_that_cannot_compile_here_says_so(tiny, monkeypatch, caplog):
         backbone = factory.sd3_backbone(tiny.folder, tiny.lora_pkl, tiny.vae_pt, torch.device("cuda"), "fast",
                                         latent_mode="mean", load_device=torch.device("cpu"))
     assert not backbone.compiled
-    assert "SD3 fast: torch.compile cannot generate code for this GPU" in caplog.text and "triton-windows" in caplog.text
+    assert ("SD3 fast: torch.compile cannot generate code for this GPU" in caplog.text
+            and "triton-windows" in caplog.text)
     monkeypatch.setattr(policy, "device_memory_gib", lambda device: 16.0)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="coz_core"):  # auto's choice for the card is said where it is made

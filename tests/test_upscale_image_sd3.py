@@ -80,7 +80,10 @@ def test_no_seam_on_a_real_photo(backbone):
 
 def test_seed_fixes_the_sample(backbone):
     image = photo(32, 48)
-    run = lambda seed: upscale_image(image, backbone, UpscaleConfig(factor=2, tile=64, overlap=16, seed=seed)).image
+
+    def run(seed):
+        return upscale_image(image, backbone, UpscaleConfig(factor=2, tile=64, overlap=16, seed=seed)).image
+
     assert torch.equal(run(1), run(1)) and not torch.allclose(run(1), run(2), atol=1e-4)
 
 

@@ -73,8 +73,8 @@ def reference_view(boxes, t, ease):
     m = np.array([[rx, 0, b.left - rx * a.left], [0, ry, b.top - ry * a.top], [0, 0, 1]])
     values, vectors = np.linalg.eig(m)  # m^f = V diag(values^f) V^-1
     mf = vectors @ np.diag(values**f) @ np.linalg.inv(vectors)
-    (l, t_), (r, bo) = (mf @ [a.left, a.top, 1])[:2], (mf @ [a.right, a.bottom, 1])[:2]
-    return k, f, (l, t_, r, bo)
+    (left, t_), (r, bo) = (mf @ [a.left, a.top, 1])[:2], (mf @ [a.right, a.bottom, 1])[:2]
+    return k, f, (left, t_, r, bo)
 
 
 def pil_crop(image, box, view, size):

@@ -55,18 +55,18 @@ def test_initial_plan_non_square_covers():
 @pytest.mark.parametrize("cx,cy", list(itertools.product([0.0, 0.1, 0.37, 0.5, 0.9, 1.0], repeat=2)))
 def test_off_centre_boxes_are_clamped_and_track_the_target(zoom, cx, cy):
     w, h = 512, 384
-    l, t, r, b = zoom_box((w, h), zoom, (cx, cy))
-    assert (r - l, b - t) == (math.floor(w / zoom), math.floor(h / zoom))
-    assert 0 <= l and r <= w and 0 <= t and b <= h  # never outside: nothing padded
+    left, t, r, b = zoom_box((w, h), zoom, (cx, cy))
+    assert (r - left, b - t) == (math.floor(w / zoom), math.floor(h / zoom))
+    assert 0 <= left and r <= w and 0 <= t and b <= h  # never outside: nothing padded
     px, py = cx * w, cy * h
-    assert l <= px <= r and t <= py <= b  # the target stays in view
-    if l > 0 and r < w:  # not clamped: centred on the target within a pixel
-        assert abs((l + r) / 2 - px) <= 1.0
+    assert left <= px <= r and t <= py <= b  # the target stays in view
+    if left > 0 and r < w:  # not clamped: centred on the target within a pixel
+        assert abs((left + r) / 2 - px) <= 1.0
     if t > 0 and b < h:
         assert abs((t + b) / 2 - py) <= 1.0
     # the target's position inside the crop, and back
-    nx, ny = center_in_crop((cx, cy), (l, t, r, b), (w, h))
-    assert abs(l + nx * (r - l) - px) < 1e-9 and abs(t + ny * (b - t) - py) < 1e-9
+    nx, ny = center_in_crop((cx, cy), (left, t, r, b), (w, h))
+    assert abs(left + nx * (r - left) - px) < 1e-9 and abs(t + ny * (b - t) - py) < 1e-9
 
 
 def test_box_composition():

@@ -68,7 +68,8 @@ def describe_prompts(info: dict | None) -> str:
         return text + f"), up to {info.get('max_new_tokens')} new tokens"
     if kind == "fixed":
         texts = info.get("texts") or []
-        return f"prompts: fixed ({len(texts)} per-step texts, the last repeats)" if len(texts) > 1 else "prompts: fixed text"
+        return (f"prompts: fixed ({len(texts)} per-step texts, the last repeats)" if len(texts) > 1
+                else "prompts: fixed text")
     if kind == "none":
         return "prompts: none (the user prompt alone)"
     return f"prompts: {kind}"

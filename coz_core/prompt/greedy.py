@@ -211,7 +211,8 @@ class GreedyDecoder:
             self.ended_host.zero_()  # the last call's flags (that call's copies have all arrived)
         self.position.copy_(prompt.positions[..., -1:])
         self._choose(self._prefill(prompt).float())
-        key = (self.penalty, prefill.addresses(self.model, self.cache))  # after the prefill: it creates the cache's tensors
+        # after the prefill: it creates the cache's tensors
+        key = (self.penalty, prefill.addresses(self.model, self.cache))
         if key != self.key:
             self.graph, self.warm, self.key = None, 0, key
         produced = 1

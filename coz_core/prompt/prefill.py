@@ -97,7 +97,8 @@ def run(model: Any, prompt: Prompt, cache: Any = None, **options: Any) -> Any:
     embeds = model.model.get_input_embeddings()(prompt.input_ids)
     if prompt.pixel_values is not None:
         visual = model.model.visual
-        features = visual(prompt.pixel_values.type(visual.dtype), grid_thw=prompt.grid_thw, **prompt.vision).pooler_output
+        features = visual(prompt.pixel_values.type(visual.dtype), grid_thw=prompt.grid_thw,
+                          **prompt.vision).pooler_output
         b, length, width = embeds.shape  # the features in order: prompt by prompt, as the image tokens
         flat = embeds.reshape(1, b * length, width)
         embeds = flat.index_copy(1, prompt.image_tokens, features[None].to(embeds.dtype)).view(b, length, width)
@@ -147,7 +148,8 @@ class CapturedPrefill:
         numbers = tuple((k, v) for k, v in sorted(prompt.vision.items()) if not isinstance(v, torch.Tensor))
         config = self.model.config  # the attention functions the forward dispatches to (the graph keeps its own)
         attention = tuple(getattr(c, "_attn_implementation", None)
-                          for c in (config, getattr(config, "vision_config", None), getattr(config, "text_config", None)))
+                          for c in (config, getattr(config, "vision_config", None),
+                                    getattr(config, "text_config", None)))
         return shapes, numbers, attention, addresses(self.model, self.cache)
 
     def _run(self) -> torch.Tensor:

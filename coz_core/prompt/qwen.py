@@ -612,7 +612,8 @@ class QwenPromptSource:
                 self.batch_size //= 2  # memory does not allow this batch: halve it and retry
                 continue
             seconds = (time.perf_counter() - t0) / len(group)
-            prompts += [self._finish(step, start + i, raw, n, seconds, user_prompt) for i, (raw, n) in enumerate(answers)]
+            prompts += [self._finish(step, start + i, raw, n, seconds, user_prompt)
+                        for i, (raw, n) in enumerate(answers)]
         return prompts
 
     def _one(self, step: int, index: int, images: list[SizedImage], system: str, user_prompt: str) -> str:

